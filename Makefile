@@ -1,0 +1,52 @@
+# make test   : creates .venv if missing, installs the pinned dev dependencies, builds chip_ext
+#               (CUDA kernels too when nvcc is found), runs pytest and the C++ tests (ctest).
+# make build  : only the first three steps.      make bench : benchmarks/bench_ops.py
+# Idempotent: dependencies and the build are redone only when their inputs changed.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+# CUDA kernels: required (CHIP_EXT_CUDA=1) where nvcc is found, so a broken CUDA build fails loudly.
+NVCC := $(shell command -v nvcc 2>/dev/null)
+export CHIP_EXT_CUDA ?= $(if $(NVCC),1,auto)
+# Toolkit root behind the nvcc wrapper (for CMake; setup.py finds it by itself).
+CUDA_ROOT := $(if $(NVCC),$(shell f=$$(readlink -f $(NVCC)); if head -c2 $$f | grep -q '\#!'; then f=$$(grep -o '/[^ "]*/bin/nvcc' $$f | head -1); fi; dirname $$(dirname $$f)),)
+
+SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.cu' -o -name '*.h' | grep -v build_config.h) \
+           setup.py pyproject.toml
+
+.PHONY: test build pytest ctest bench clean
+
+$(VENV)/.deps: requirements-dev.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q pip==26.3
+	$(PIP) install -q -r requirements-dev.txt
+	@touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	@touch $@
+
+build:
+	@if ! ls chip_ext/_C*.so >/dev/null 2>&1 || [ ! -f chip_ext/_build_info.py ]; then rm -f $(VENV)/.built; fi
+	@$(MAKE) --no-print-directory $(VENV)/.built
+	$(PY) -m chip_ext info
+
+pytest: build
+	$(PY) -m pytest
+
+ctest: build
+	cmake -S . -B build-cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
+	      $(if $(CUDA_ROOT),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_ROOT) -DCUDAToolkit_ROOT=$(CUDA_ROOT) -DCMAKE_CUDA_COMPILER=$(CUDA_ROOT)/bin/nvcc,)
+	cmake --build build-cmake -j2
+	ctest --test-dir build-cmake --output-on-failure
+
+test: pytest ctest
+
+bench: build
+	$(PY) benchmarks/bench_ops.py
+
+clean:
+	rm -rf build build-cmake chip_ext/_C*.so chip_ext/_build_info.py python/build_config.h $(VENV)/.built

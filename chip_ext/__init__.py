@@ -1,0 +1,24 @@
+"""chip_ext: CHIP (Channel-wise Disentangled Interpretation) for PyTorch CNNs.
+
+Kernels (CPU and CUDA): `gate_pool` (channel gating fused with global average pooling) and
+`gram_accumulate` (class-weighted Gram accumulation in float64). See README.md.
+"""
+from ._extension import build_info
+from .ops import Accumulators, GatePoolOutput, gate_pool, gram_accumulate, new_accumulators
+from .packing import pack_triu, packed_size, size_from_packed, unpack_triu
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accumulators",
+    "GatePoolOutput",
+    "build_info",
+    "gate_pool",
+    "gram_accumulate",
+    "new_accumulators",
+    "pack_triu",
+    "packed_size",
+    "size_from_packed",
+    "unpack_triu",
+    "__version__",
+]

@@ -1,0 +1,22 @@
+// Operator schemas. Device kernels are registered beside their implementations
+// (cpu/*.cpp, cuda/*.cu); fake (meta) kernels for torch.compile are in chip_ext/ops.py.
+#include <torch/library.h>
+#include <torch/version.h>
+
+TORCH_LIBRARY(chip_ext, m) {
+  // Fake kernels live in Python; tell the dispatcher which module registers them.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
+  m.set_python_module("chip_ext.ops");
+#else
+  m.impl_abstract_pystub("chip_ext.ops");
+#endif
+  // gated[b*N+n, k] = gates[b,n,k] * A[b,k]   (A's dtype and memory format)
+  // z[b,n,k]        = gates[b,n,k] * mean_hw(A[b,k])   (float32)
+  m.def("gate_pool(Tensor A, Tensor gates) -> (Tensor gated, Tensor z)");
+  // Adds one batch to the float64 sufficient statistics of the per-class weighted Lasso:
+  //   G_c += sum_sn f_s^c h_sn z_sn z_sn^T (packed upper triangle), b_c += sum f h g^c z,
+  //   y_c += sum f h (g^c)^2, n_c += sum f h, with z_sn = gates_sn * a_s.
+  m.def(
+      "gram_accumulate(Tensor(a!) G, Tensor(b!) b, Tensor(c!) y, Tensor(d!) n, Tensor a, "
+      "Tensor gates, Tensor h, Tensor f, Tensor g) -> ()");
+}
