@@ -137,7 +137,11 @@ def cuda_library_headers() -> list[str]:
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + ["python/module.cpp"])
 define_macros = [("CHIP_EXT_HAS_BUILD_CONFIG", None)]
-extra = {"cxx": ["-O3"]}
+# at::parallel_for is a header template: with ATen's OpenMP backend it only runs in parallel when
+# our own code is compiled with OpenMP (without -fopenmp the pragma is silently ignored).
+openmp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin" else []
+extra = {"cxx": ["-O3", *openmp]}
+extra_link = list(openmp)
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     define_macros.append(("CHIP_EXT_WITH_CUDA", None))
@@ -150,6 +154,6 @@ setup(
     packages=find_packages(include=["chip_ext", "chip_ext.*"]),
     ext_modules=[Extension("chip_ext._C", sources, define_macros=define_macros,
                            include_dirs=cuda_library_headers() if WITH_CUDA else [],
-                           extra_compile_args=extra)],
+                           extra_compile_args=extra, extra_link_args=extra_link)],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

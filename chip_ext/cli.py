@@ -18,6 +18,7 @@ def _info(args: argparse.Namespace) -> int:
         ("chip_ext", info["chip_ext_version"]),
         ("built with torch", info["torch_version"]),
         ("running torch", info["running_torch"]),
+        ("CPU kernels", "parallel (OpenMP)" if info["openmp"] else "single-threaded (built without OpenMP)"),
         ("CUDA kernels", "yes" if info["with_cuda"] else "no (CPU kernels only)"),
         ("built with CUDA", info["cuda_version"] or "-"),
         ("CUDA archs", info["cuda_archs"] or "-"),

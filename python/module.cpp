@@ -30,6 +30,11 @@ PYBIND11_MODULE(_C, m) {
 #else
   info["with_cuda"] = false;
 #endif
+#ifdef _OPENMP
+  info["openmp"] = true;  // at::parallel_for runs in parallel only if our code is built with OpenMP
+#else
+  info["openmp"] = false;
+#endif
   info["cuda_version"] = CHIP_EXT_BUILT_CUDA;
   info["cuda_archs"] = CHIP_EXT_CUDA_ARCHS;
   m.attr("build_info") = info;

@@ -26,6 +26,12 @@ def test_build_info_facts():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("chip_ext::gram_accumulate", "CPU")
 
 
+def test_cpu_kernels_built_with_openmp_when_torch_uses_it():
+    """at::parallel_for is a header template: built without OpenMP it silently runs on one thread."""
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert chip_ext.build_info()["openmp"] is True
+
+
 @pytest.mark.skipif(os.environ.get("CHIP_EXT_CUDA") != "1",
                     reason="CHIP_EXT_CUDA=1 not set for this run (make test sets it when nvcc is found)")
 def test_cuda_kernels_compiled_in_when_required():

@@ -1,10 +1,11 @@
 // gate_pool on the CPU: channel gating fused with global average pooling.
 //
-// NCHW: one task per (image b, channel k) plane. The plane is read once (its sum is taken in
-// float64 on the way), then written N times, gated, while it sits in cache.
-// NHWC: one task per (image b, run of kPixelsPerTask pixels). Each pixel's K channels are read
-// once and written N times; per-task channel sums go to a small float64 scratch that is reduced
-// in a fixed order, so z does not depend on the number of threads.
+// Image by image (so the image's activations stay in cache while its N copies are written):
+//   pass 1  per-channel sums of A[b] in float64, parallel over channels (NCHW) or over runs of
+//           kPixelsPerTask pixels (NHWC; per-run partial sums reduced in a fixed order, so z does
+//           not depend on the number of threads). This is the one read of A[b] from memory.
+//   pass 2  the N gated copies, parallel over the output in its own order, so every thread
+//           writes one contiguous stretch; A[b] is re-read from cache.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -14,6 +15,7 @@ namespace chip_ext {
 namespace {
 
 constexpr int64_t kPixelsPerTask = 16;
+constexpr int64_t kGrainElements = 16384;  // output elements per parallel task, about
 
 template <typename gate_t>
 inline float gate_value(gate_t g) {
@@ -23,49 +25,68 @@ inline float gate_value(gate_t g) {
 template <typename scalar_t, typename gate_t>
 void gate_pool_nchw(const scalar_t* A, const gate_t* gates, scalar_t* out, double* sums,
                     int64_t B, int64_t N, int64_t K, int64_t HW) {
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, HW * N / 64));
-  at::parallel_for(0, B * K, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t b = plane / K, k = plane % K;
-      const scalar_t* src = A + plane * HW;
-      double s = 0.0;
-      for (int64_t i = 0; i < HW; ++i) s += static_cast<double>(static_cast<float>(src[i]));
-      sums[plane] = s;
-      for (int64_t nn = 0; nn < N; ++nn) {
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* A_b = A + b * K * HW;
+    at::parallel_for(0, K, std::max<int64_t>(1, kGrainElements / HW), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const scalar_t* src = A_b + k * HW;
+        double s = 0.0;
+        for (int64_t i = 0; i < HW; ++i) s += static_cast<double>(static_cast<float>(src[i]));
+        sums[b * K + k] = s;
+      }
+    });
+    // rows (n, k) of image b's N*K output planes, in memory order
+    at::parallel_for(0, N * K, std::max<int64_t>(1, kGrainElements / HW), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t nn = r / K, k = r % K;
         const float gv = gate_value(gates[(b * N + nn) * K + k]);
+        const scalar_t* src = A_b + k * HW;
         scalar_t* dst = out + ((b * N + nn) * K + k) * HW;
         for (int64_t i = 0; i < HW; ++i) dst[i] = static_cast<scalar_t>(static_cast<float>(src[i]) * gv);
       }
-    }
-  });
+    });
+  }
 }
 
 template <typename scalar_t, typename gate_t>
 void gate_pool_nhwc(const scalar_t* A, const gate_t* gates, scalar_t* out, double* partial,
-                    int64_t B, int64_t N, int64_t K, int64_t HW, int64_t tasks_per_image) {
-  at::parallel_for(0, B * tasks_per_image, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gate_row(K);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks_per_image, t = task % tasks_per_image;
-      const int64_t p0 = t * kPixelsPerTask, p1 = std::min(HW, p0 + kPixelsPerTask);
-      double* acc = partial + task * K;
-      for (int64_t k = 0; k < K; ++k) acc[k] = 0.0;
-      for (int64_t p = p0; p < p1; ++p) {
-        const scalar_t* src = A + (b * HW + p) * K;
-        for (int64_t k = 0; k < K; ++k) acc[k] += static_cast<double>(static_cast<float>(src[k]));
-      }
-      for (int64_t nn = 0; nn < N; ++nn) {
-        const gate_t* gn = gates + (b * N + nn) * K;
-        for (int64_t k = 0; k < K; ++k) gate_row[k] = gate_value(gn[k]);
-        for (int64_t p = p0; p < p1; ++p) {
-          const scalar_t* src = A + (b * HW + p) * K;
-          scalar_t* dst = out + ((b * N + nn) * HW + p) * K;
-          for (int64_t k = 0; k < K; ++k)
-            dst[k] = static_cast<scalar_t>(static_cast<float>(src[k]) * gate_row[k]);
+                    double* sums, int64_t B, int64_t N, int64_t K, int64_t HW) {
+  const int64_t runs = (HW + kPixelsPerTask - 1) / kPixelsPerTask;
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* A_b = A + b * HW * K;
+    at::parallel_for(0, runs, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        double* acc = partial + t * K;
+        for (int64_t k = 0; k < K; ++k) acc[k] = 0.0;
+        for (int64_t p = t * kPixelsPerTask; p < std::min(HW, (t + 1) * kPixelsPerTask); ++p) {
+          const scalar_t* src = A_b + p * K;
+          for (int64_t k = 0; k < K; ++k) acc[k] += static_cast<double>(static_cast<float>(src[k]));
         }
       }
+    });
+    for (int64_t k = 0; k < K; ++k) {
+      double s = 0.0;
+      for (int64_t t = 0; t < runs; ++t) s += partial[t * K + k];
+      sums[b * K + k] = s;
     }
-  });
+    // rows (n, pixel) of image b's output, in memory order; gates converted once per row
+    at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrainElements / K), [&](int64_t r0, int64_t r1) {
+      std::vector<float> gate_row(K);
+      int64_t row_n = -1;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t nn = r / HW, p = r % HW;
+        if (nn != row_n) {
+          const gate_t* gn = gates + (b * N + nn) * K;
+          for (int64_t k = 0; k < K; ++k) gate_row[k] = gate_value(gn[k]);
+          row_n = nn;
+        }
+        const scalar_t* src = A_b + p * K;
+        scalar_t* dst = out + ((b * N + nn) * HW + p) * K;
+        for (int64_t k = 0; k < K; ++k)
+          dst[k] = static_cast<scalar_t>(static_cast<float>(src[k]) * gate_row[k]);
+      }
+    });
+  }
 }
 
 // z[b,n,k] = gates[b,n,k] * sums[b,k] / HW, the product taken in float64 and rounded once.
@@ -93,10 +114,10 @@ void run(const at::Tensor& A, Layout layout, const at::Tensor& gates, at::Tensor
   if (layout == Layout::kNCHW) {
     gate_pool_nchw(a_ptr, g_ptr, o_ptr, sums.mutable_data_ptr<double>(), B, N, K, HW);
   } else {
-    const int64_t tasks = (HW + kPixelsPerTask - 1) / kPixelsPerTask;
-    at::Tensor partial = at::empty({B, tasks, K}, A.options().dtype(at::kDouble));
-    gate_pool_nhwc(a_ptr, g_ptr, o_ptr, partial.mutable_data_ptr<double>(), B, N, K, HW, tasks);
-    at::sum_out(sums, partial, {1});
+    const int64_t runs = (HW + kPixelsPerTask - 1) / kPixelsPerTask;
+    at::Tensor partial = at::empty({runs, K}, A.options().dtype(at::kDouble));
+    gate_pool_nhwc(a_ptr, g_ptr, o_ptr, partial.mutable_data_ptr<double>(),
+                   sums.mutable_data_ptr<double>(), B, N, K, HW);
   }
   write_z(g_ptr, sums.const_data_ptr<double>(), z.mutable_data_ptr<float>(), B, N, K, HW);
 }
