@@ -44,3 +44,7 @@ PYEOF
 
 step "bench_ops"
 $PY benchmarks/bench_ops.py --out "$OUT_DIR/bench_ops_gpu.json" | tee "$OUT_DIR/gpu_bench.txt" | tail -15
+
+step "bench_distill (224x224, N=100, C=1000, fp32 and bf16 autocast)"
+$PY benchmarks/bench_distill.py --size 224 --perturbations 100 --classes 1000 --images 64 --batch 16 \
+    --out "$OUT_DIR/bench_distill_gpu.json" | tee "$OUT_DIR/gpu_distill.txt" | tail -8

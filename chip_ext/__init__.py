@@ -4,6 +4,8 @@ Kernels (CPU and CUDA): `gate_pool` (channel gating fused with global average po
 `gram_accumulate` (class-weighted Gram accumulation in float64). See README.md.
 """
 from ._extension import build_info
+from .distill import distill
+from .importance import Importance
 from .ops import Accumulators, GatePoolOutput, gate_pool, gram_accumulate, new_accumulators
 from .packing import pack_triu, packed_size, size_from_packed, unpack_triu
 
@@ -11,6 +13,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Accumulators",
+    "Importance",
+    "distill",
     "GatePoolOutput",
     "build_info",
     "gate_pool",

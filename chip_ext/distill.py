@@ -1,0 +1,507 @@
+"""CHIP distillation: learn the class-by-channel importance W of layers of a CNN from a dataset.
+
+For every image s and layer l (DESIGN §1): the prefix of the network up to l runs once, giving
+A_s [K, H, W]; `gate_pool` makes N gated copies (row 0 the unperturbed network); only the suffix
+runs on them, giving the perturbed scores g_sn; `gram_accumulate` adds the image to the float64
+sufficient statistics (G, b, y, n). After the whole loader, the per-class weighted Lasso (eq. 11)
+is solved on the normalised statistics by ADMM with a cached Cholesky factor.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .gates import default_sigma, proximity, sample_gates
+from .importance import Importance, atomic_save
+from .packing import packed_size, unpack_triu
+from .solver import admm_lasso, lambda_max
+from .split import split
+
+DEFAULT_LAM_RATIO = 0.1
+CHECKPOINT_FORMAT = "chip_ext.distill.checkpoint"
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of the names, shapes and dtypes of the model's parameters and buffers."""
+    h = hashlib.sha256()
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
+def images_of(batch: Any, position: int) -> Tensor:
+    """The image tensor [B, C, H, W] of one loader item: a tensor, a (images, ...) tuple/list, or a
+    dict with an "image" key. A single image [C, H, W] counts as a batch of one."""
+    if isinstance(batch, Tensor):
+        x = batch
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        x = batch[0]
+    elif isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
+        x = batch["image"]
+    else:
+        raise TypeError(
+            f"loader item {position} is a {type(batch).__name__}; expected an image tensor [B, C, H, W], "
+            "a tuple/list whose first element is one, or a dict with an 'image' key")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or not x.is_floating_point():
+        raise TypeError(f"loader item {position} holds a {x.dim()}-D {x.dtype} tensor of shape "
+                        f"{list(x.shape)}; expected floating-point images [B, C, H, W]")
+    return x
+
+
+def _score_fn(target: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    if target == "prob":
+        return lambda logits: torch.softmax(logits.float(), dim=-1)
+    if target == "logit":
+        return lambda logits: logits.float()
+    if callable(target):
+        return target
+    raise ValueError(f"target must be 'prob', 'logit' or a callable on the logits; got {target!r}")
+
+
+def _target_name(target: str | Callable) -> str:
+    if isinstance(target, str):
+        return target
+    return f"callable:{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+class _Stages:
+    """Wall time per stage; synchronises the GPU at stage ends when profiling."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.seconds: dict[str, float] = {}
+        self.sync = sync and device.type == "cuda"
+        self.device = device
+
+    def __call__(self, name: str):
+        stages = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if stages.sync:
+                    torch.cuda.synchronize(stages.device)
+                stages.seconds[name] = stages.seconds.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+class _LayerState:
+    """A layer's prefix/suffix and its float64 accumulators."""
+
+    def __init__(self, name: str, prefix: nn.Module, suffix: nn.Module):
+        self.name, self.prefix, self.suffix = name, prefix, suffix
+        self.acc: ops.Accumulators | None = None
+        self.shape: list[int] | None = None  # [K, H, W] of the first batch
+        self.sigma: float | None = None
+
+
+# ---------------------------------------------------------------------------------- distill
+
+
+def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
+            classes: Sequence[int] | None = None, num_perturbations: int = 100,
+            sigma: float | None = None, lam: float | None = None, lam_ratio: float | None = None,
+            rho: float | None = None, target: str | Callable[[Tensor], Tensor] = "prob",
+            seed: int = 0, device: str | torch.device | None = None, batch_size: int | None = None,
+            checkpoint: str | Path | None = None, progress: bool = True, max_drop: float = 0.5,
+            memory_budget: int | None = None, autocast_dtype: torch.dtype | None = None,
+            checkpoint_every: float = 300.0, max_iter: int = 1000, tol: float = 1e-7,
+            class_names: Sequence[str] | None = None, max_images: int | None = None,
+            profile: bool = False) -> Importance:
+    """Distils CHIP channel importances of `layers` of `model` over the images of `loader`.
+
+    model: a CNN returning logits [B, C_out]; it is split at each layer with torch.fx.
+    loader: any iterable of image tensors [B, 3, H, W], (images, ...) tuples/lists, or dicts with an
+        "image" key. Its order must be the same on every pass (for resuming from a checkpoint).
+    layers: a module name from model.named_modules(), or a list of them.
+    classes: the model outputs to explain (default: all). num_perturbations: N gated networks per
+        image, the unperturbed one included. sigma: proximity width (default sqrt(K/4)).
+    lam: λ on the normalised objective (absolute); lam_ratio: λ as a fraction of each class's λ_max
+        (give at most one; default lam_ratio=0.1). rho: ADMM penalty (default: trace(Ĝ_c)/K).
+    target: "prob" (softmax, the paper's), "logit", or a callable mapping logits [M, C_out] to
+        scores [M, C_out]. The loyalty weights f are always the unperturbed probabilities.
+    seed: keys the gates together with each image's global index, so W does not depend on
+        batch_size, memory_budget, resume point or workers (beyond the network's own float32
+        dependence on batch size: oneDNN/cuBLAS pick kernels by shape, ~1e-7 relative).
+    device: where to run (default: the model's device); the model is moved there and back.
+    batch_size: images per step (default: the loader's batches). memory_budget: bytes of gated
+        activations per suffix call (default 256 MiB on CPU, 1/8 of free GPU memory).
+    checkpoint: a file to write the running sums to every `checkpoint_every` seconds and at the
+        end; calling again with the same file resumes (and re-solves, if the pass had finished).
+    autocast_dtype: e.g. torch.bfloat16 to run the suffix under autocast (GPU).
+    max_images: stop after this many images. profile: synchronise the GPU for per-stage timings.
+    Returns an Importance with W: Tensor[C, K] per layer.
+    """
+    # ---- arguments
+    layer_list = [layers] if isinstance(layers, str) else list(layers)
+    if not layer_list or not all(isinstance(l, str) for l in layer_list):
+        raise ValueError(f"layers must be a module name or a non-empty list of them; got {layers!r}")
+    if len(set(layer_list)) != len(layer_list):
+        raise ValueError(f"layers has duplicates: {layer_list}")
+    if not isinstance(num_perturbations, int) or num_perturbations < 1:
+        raise ValueError(f"num_perturbations must be an int >= 1; got {num_perturbations!r}")
+    if sigma is not None and not sigma > 0:
+        raise ValueError(f"sigma must be > 0; got {sigma}")
+    if rho is not None and not rho > 0:
+        raise ValueError(f"rho must be > 0; got {rho}")
+    if lam is not None and lam_ratio is not None:
+        raise ValueError("give lam (absolute) or lam_ratio (fraction of each class's lambda_max), not both")
+    if lam is not None and not lam >= 0:
+        raise ValueError(f"lam must be >= 0; got {lam}")
+    if lam_ratio is not None and not lam_ratio >= 0:
+        raise ValueError(f"lam_ratio must be >= 0; got {lam_ratio}")
+    if lam is None and lam_ratio is None:
+        lam_ratio = DEFAULT_LAM_RATIO
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if memory_budget is not None and memory_budget < 1:
+        raise ValueError(f"memory_budget must be >= 1 byte; got {memory_budget}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1; got {max_images}")
+    score = _score_fn(target)
+
+    params = list(itertools.chain(model.parameters(), model.buffers()))
+    model_device = params[0].device if params else torch.device("cpu")
+    device = torch.device(device) if device is not None else model_device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if memory_budget is None:
+        free = _free_bytes(device) if device.type == "cuda" else None
+        memory_budget = max(64 << 20, free // 8) if free else 256 << 20
+
+    # ---- split the model (checks the layers and the cut before any work)
+    states = []
+    for layer in layer_list:
+        prefix, suffix = split(model, layer)
+        states.append(_LayerState(layer, prefix, suffix))
+
+    config = {
+        "layers": layer_list, "classes": None if classes is None else [int(c) for c in classes],
+        "num_perturbations": num_perturbations, "sigma": sigma, "max_drop": max_drop,
+        "target": _target_name(target), "seed": int(seed), "model": model_fingerprint(model),
+    }
+    stages = _Stages(device, profile)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    model.to(device)
+    try:
+        with torch.no_grad():
+            run = _Run(states, config, classes, num_perturbations, sigma, max_drop, score, seed,
+                       device, batch_size, memory_budget, autocast_dtype, stages)
+            resumed = run.resume(checkpoint) if checkpoint is not None else False
+            if not run.complete:
+                run.stream(loader, progress, checkpoint, checkpoint_every, max_images)
+                if checkpoint is not None:
+                    run.complete = True
+                    run.save(checkpoint)
+            with stages("solve"):
+                weights, lams, solver_meta = run.solve(lam, lam_ratio, rho, max_iter, tol)
+    finally:
+        model.to(model_device)
+        for m, training in modes.items():
+            m.train(training)
+
+    chosen = run.classes
+    names = None
+    if class_names is not None:
+        class_names = list(class_names)
+        if len(class_names) == run.num_outputs:
+            names = [class_names[c] for c in chosen]
+        elif len(class_names) == len(chosen):
+            names = class_names
+        else:
+            raise ValueError(f"class_names must name all {run.num_outputs} outputs or the {len(chosen)} "
+                             f"chosen classes; got {len(class_names)} names")
+    from . import __version__
+
+    meta = {
+        **config,
+        "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter, "tol": tol,
+        "lam_per_class": lams, "images_seen": run.seen, "perturbations_per_image": num_perturbations,
+        "layer_shapes": {s.name: s.shape for s in states},
+        "sigma_used": {s.name: s.sigma for s in states},
+        "empty_classes": run.empty_classes, "solver": solver_meta, "resumed": resumed,
+        "timing_s": dict(stages.seconds), "device": str(device), "chip_ext_version": __version__,
+    }
+    return Importance(weights, chosen, class_names=names, meta=meta)
+
+
+class _Run:
+    """The state of one distillation pass: accumulators, position, and the per-batch work."""
+
+    def __init__(self, states, config, classes, N, sigma, max_drop, score, seed, device, batch_size,
+                 memory_budget, autocast_dtype, stages):
+        self.states, self.config, self.N, self.sigma_arg = states, config, N, sigma
+        self.max_drop, self.score, self.seed, self.device = max_drop, score, seed, device
+        self.batch_size, self.memory_budget = batch_size, memory_budget
+        self.autocast_dtype, self.stages = autocast_dtype, stages
+        self.requested_classes = None if classes is None else [int(c) for c in classes]
+        self.classes: list[int] | None = self.requested_classes
+        self.num_outputs: int | None = None
+        self.seen = 0
+        self.complete = False
+        self.empty_classes: dict[str, list[int]] = {}
+        self._class_index: Tensor | None = None
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, path) -> None:
+        atomic_save({
+            "format": CHECKPOINT_FORMAT, "version": 1, "config": self.config, "seen": self.seen,
+            "complete": self.complete, "classes": self.classes, "num_outputs": self.num_outputs,
+            "layers": {s.name: {"shape": s.shape, "sigma": s.sigma,
+                                "acc": None if s.acc is None else [t.cpu() for t in s.acc]}
+                       for s in self.states},
+        }, path)
+
+    def resume(self, path) -> bool:
+        path = Path(path)
+        if not path.exists():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"checkpoint {path} cannot be read (corrupt or not a chip_ext checkpoint): {err}") from err
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a chip_ext distillation checkpoint")
+        if state["config"] != self.config:
+            diff = {k: (state["config"].get(k), v) for k, v in self.config.items() if state["config"].get(k) != v}
+            raise ValueError(
+                f"checkpoint {path} was written by a different configuration; differing (checkpoint, now): "
+                f"{diff}. Use another checkpoint path or the same arguments and model.")
+        self.seen, self.complete = int(state["seen"]), bool(state["complete"])
+        self.classes, self.num_outputs = state["classes"], state["num_outputs"]
+        if self.classes is not None:
+            self._class_index = torch.tensor(self.classes, device=self.device)
+        for s in self.states:
+            saved = state["layers"][s.name]
+            s.shape, s.sigma = saved["shape"], saved["sigma"]
+            if saved["acc"] is not None:
+                s.acc = ops.Accumulators(*(t.to(self.device) for t in saved["acc"]))
+        return True
+
+    # ---------------------------------------------------------------- streaming
+
+    def stream(self, loader, progress, checkpoint, checkpoint_every, max_images) -> None:
+        from tqdm.auto import tqdm
+
+        total = None
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__"):
+            total = len(dataset)
+        if max_images is not None:
+            total = min(total, max_images) if total is not None else max_images
+        bar = tqdm(total=total, initial=min(self.seen, total or self.seen), unit="img",
+                   desc="distill", disable=not progress, dynamic_ncols=True)
+        skip = self.seen  # images already in the sums (resume)
+        position = 0  # images consumed from the loader
+        last_save = time.monotonic()
+        t_start, imgs_start = time.perf_counter(), self.seen
+        try:
+            for item_index, item in enumerate(loader):
+                x = images_of(item, item_index)
+                B = x.shape[0]
+                if skip >= B:
+                    skip -= B
+                    position += B
+                    continue
+                x, position, skip = x[skip:], position + skip, 0
+                if max_images is not None:
+                    x = x[:max(0, max_images - self.seen)]
+                step = self.batch_size or x.shape[0]
+                for i0 in range(0, x.shape[0], step):
+                    chunk = x[i0:i0 + step]
+                    self.process(chunk, position)
+                    position += chunk.shape[0]
+                    self.seen += chunk.shape[0]
+                    bar.update(chunk.shape[0])
+                    rate = (self.seen - imgs_start) / max(time.perf_counter() - t_start, 1e-9)
+                    bar.set_postfix_str(f"{rate * self.N * len(self.states):.0f} perturbed nets/s")
+                if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
+                    self.save(checkpoint)
+                    last_save = time.monotonic()
+                if max_images is not None and self.seen >= max_images:
+                    break
+        finally:
+            bar.close()
+        if self.seen == 0:
+            raise ValueError("the loader produced no images (empty loader, or all of them were "
+                             "already in the checkpoint's sums)")
+
+    def _check_finite(self, t: Tensor, what: str, first_index: int, per_image: int = 1) -> None:
+        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0]) // per_image
+            raise FloatingPointError(f"NaN or Inf in {what} for image {first_index + i} (global index "
+                                     "in the loader's order)")
+
+    def _setup_classes(self, num_outputs: int) -> None:
+        if self.num_outputs is None:
+            self.num_outputs = num_outputs
+            if self.classes is None:
+                self.classes = list(range(num_outputs))
+            bad = [c for c in self.classes if not 0 <= c < num_outputs]
+            if bad:
+                raise ValueError(f"classes {bad[:10]} are out of range: the model has {num_outputs} outputs")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError("classes has duplicates")
+            self._class_index = torch.tensor(self.classes, device=self.device)
+        elif num_outputs != self.num_outputs:
+            raise ValueError(f"the model returned {num_outputs} outputs; it returned {self.num_outputs} before")
+
+    def _set_shape(self, s: _LayerState, A: Tensor) -> None:
+        K, H, W = A.shape[1:]
+        if s.shape is not None and s.shape[0] != K:
+            raise ValueError(f"layer {s.name!r} now has K={K} channels; it had K={s.shape[0]} "
+                             "(in an earlier batch or the checkpoint)")
+        if s.shape is None:
+            s.shape = [K, H, W]
+        if s.sigma is None:
+            s.sigma = float(self.sigma_arg) if self.sigma_arg is not None else default_sigma(K)
+
+    def _allocate(self, s: _LayerState) -> None:
+        """Accumulators of a layer; checks first that they fit in the device's free memory."""
+        if s.acc is not None:
+            return
+        C, K = len(self.classes), s.shape[0]
+        need = 8 * C * (packed_size(K) + K + 2)
+        free = _free_bytes(self.device)
+        if free is not None and need > 0.8 * free:
+            raise MemoryError(
+                f"the float64 accumulators of layer {s.name!r} need {_fmt_bytes(need)} for C={C} classes "
+                f"and K={K} channels (C*K(K+1)/2*8 bytes), but only {_fmt_bytes(free)} is free on "
+                f"{self.device}. Pass fewer classes= or fewer layers.")
+        s.acc = ops.new_accumulators(C, K, self.device)
+
+    def _suffix_logits(self, s: _LayerState, A: Tensor, gates: Tensor) -> Tensor:
+        """Logits of the N gated networks of every image: [B, N, C_out], in memory-bounded chunks."""
+        B, K, H, W = A.shape
+        N = gates.shape[1]
+        copies = max(1, self.memory_budget // max(1, K * H * W * A.element_size()))
+        # pieces (i0, i1, n0, n1): whole images while N copies fit the budget, else runs of perturbations
+        if copies >= N:
+            per = max(1, copies // N)
+            pieces = [(i, min(B, i + per), 0, N) for i in range(0, B, per)]
+        else:
+            pieces = [(i, i + 1, n, min(N, n + copies)) for i in range(B) for n in range(0, N, copies)]
+        result: Tensor | None = None
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else None)
+        for i0, i1, n0, n1 in pieces:
+            with self.stages("gate_pool"):
+                gated, _ = ops.gate_pool(A[i0:i1], gates[i0:i1, n0:n1])
+            with self.stages("suffix"):
+                if autocast is not None:
+                    with autocast:
+                        logits = s.suffix(gated)
+                else:
+                    logits = s.suffix(gated)
+            if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != gated.shape[0]:
+                shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(f"the model's output after layer {s.name!r} must be logits [M, C_out] "
+                                 f"for M={gated.shape[0]} inputs; got {shape}")
+            if result is None:
+                result = torch.empty(B, N, logits.shape[1], dtype=torch.float32, device=logits.device)
+            result[i0:i1, n0:n1] = logits.float().reshape(i1 - i0, n1 - n0, -1)
+        return result
+
+    def process(self, x: Tensor, first_index: int) -> None:
+        x = x.to(self.device, non_blocking=True)
+        B = x.shape[0]
+        indices = range(first_index, first_index + B)
+        for s in self.states:
+            with self.stages("prefix"):
+                A = s.prefix(x)
+            if not isinstance(A, Tensor) or A.dim() != 4:
+                shape = list(A.shape) if isinstance(A, Tensor) else type(A).__name__
+                raise ValueError(f"layer {s.name!r} outputs {shape}; CHIP needs a convolutional feature "
+                                 "map [B, K, H, W]")
+            if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                A = A.float()
+            self._check_finite(A, f"the activations of layer {s.name!r}", first_index)
+            self._set_shape(s, A)
+            K = A.shape[1]
+            with self.stages("gates"):
+                gates = sample_gates(indices, self.N, K, seed=self.seed, layer=s.name,
+                                     max_drop=self.max_drop).to(self.device)
+                h = proximity(gates, s.sigma)
+            logits = self._suffix_logits(s, A, gates)  # [B, N, C_out]
+            self._check_finite(logits, f"the scores after perturbing layer {s.name!r}", first_index)
+            self._setup_classes(logits.shape[-1])
+            self._allocate(s)
+            with self.stages("accumulate"):
+                f = torch.softmax(logits[:, 0], dim=-1)[:, self._class_index]  # loyalty: unperturbed probs
+                g = self.score(logits.reshape(B * self.N, -1)).reshape(B, self.N, -1)
+                g = g[..., self._class_index].float().contiguous()
+                self._check_finite(g, f"the target scores after perturbing layer {s.name!r}", first_index)
+                a = A.float().mean(dim=(2, 3))
+                ops.gram_accumulate(*s.acc, a, gates, h, f.contiguous(), g)
+
+    # ---------------------------------------------------------------- solve
+
+    def solve(self, lam, lam_ratio, rho, max_iter, tol):
+        weights, lams, solver_meta = {}, {}, {}
+        C = len(self.classes)
+        for s in self.states:
+            G, b, y, n = s.acc
+            K = s.shape[0]
+            W = torch.zeros(C, K, dtype=torch.float64)
+            lam_c = torch.zeros(C, dtype=torch.float64)
+            valid = (n > 0).nonzero().flatten().cpu()
+            self.empty_classes[s.name] = [self.classes[i] for i in (n <= 0).nonzero().flatten().tolist()]
+            chunk = max(1, (256 << 20) // (8 * K * K))
+            iters, converged, not_conv = [], [], []
+            for c0 in range(0, len(valid), chunk):
+                rows = valid[c0:c0 + chunk].to(G.device)
+                nn_ = n[rows]
+                G_hat = unpack_triu(G[rows], K) / nn_[:, None, None]
+                b_hat = b[rows] / nn_[:, None]
+                lam_rows = (torch.full_like(nn_, float(lam)) if lam is not None
+                            else lam_ratio * lambda_max(b_hat))
+                Wc, info = admm_lasso(G_hat, b_hat, lam_rows, rho=rho, max_iter=max_iter, tol=tol)
+                W[rows.cpu()] = Wc.cpu()
+                lam_c[rows.cpu()] = lam_rows.cpu()
+                iters.append(info.iterations)
+                converged.append(info.converged)
+                not_conv += [self.classes[int(r)] for r, ok in zip(rows.cpu(), info.converged) if not ok]
+            it = torch.cat(iters) if iters else torch.zeros(0, dtype=torch.long)
+            weights[s.name] = W.float()
+            lams[s.name] = lam_c
+            solver_meta[s.name] = {
+                "iterations_max": int(it.max()) if len(it) else 0,
+                "iterations_mean": float(it.float().mean()) if len(it) else 0.0,
+                "converged": bool(torch.cat(converged).all()) if converged else True,
+                "not_converged_classes": not_conv[:100],
+            }
+        return weights, lams, solver_meta

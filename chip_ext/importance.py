@@ -1,0 +1,122 @@
+"""`Importance`: the class-by-channel importance matrices W that distillation learns, per layer."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+FORMAT = "chip_ext.Importance"
+FORMAT_VERSION = 1
+
+
+class Importance:
+    """Learned channel importances of one model.
+
+    weights: {layer: Tensor[C, K]} (float32, row i for class classes[i]); classes: the C class
+    indices of the model's output they cover; class_names: optional names, one per class;
+    meta: hyper-parameters, images seen, perturbations, seed, layer shapes, library version,
+    model fingerprint, solver report, timings.
+    """
+
+    def __init__(self, weights: dict[str, Tensor], classes: list[int], *,
+                 class_names: list[str] | None = None, meta: dict[str, Any] | None = None):
+        if not weights:
+            raise ValueError("weights must hold at least one layer")
+        C = len(classes)
+        for layer, W in weights.items():
+            if not isinstance(W, Tensor) or W.dim() != 2 or W.shape[0] != C:
+                shape = list(W.shape) if isinstance(W, Tensor) else type(W).__name__
+                raise ValueError(f"weights[{layer!r}] must be a Tensor[C, K] with C={C}; got {shape}")
+        if class_names is not None and len(class_names) != C:
+            raise ValueError(f"class_names must have one name per class ({C}); got {len(class_names)}")
+        self.weights = {k: v.detach().cpu() for k, v in weights.items()}
+        self.classes = [int(c) for c in classes]
+        self.class_names = list(class_names) if class_names is not None else None
+        self.meta = dict(meta or {})
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.weights)
+
+    def row(self, cls: int | str) -> int:
+        """Row of W for a class given by model output index or by name."""
+        if isinstance(cls, str):
+            if self.class_names is None or cls not in self.class_names:
+                raise KeyError(f"class {cls!r} is not among the distilled class names")
+            return self.class_names.index(cls)
+        if int(cls) not in self.classes:
+            raise KeyError(f"class {cls} was not distilled (distilled: {len(self.classes)} classes)")
+        return self.classes.index(int(cls))
+
+    def top_channels(self, cls: int | str, k: int = 10, layer: str | None = None) -> tuple[Tensor, Tensor]:
+        """The k channels with the largest importance for `cls` -> (channel indices, weights)."""
+        layer = layer or self.layers[-1]
+        if layer not in self.weights:
+            raise KeyError(f"layer {layer!r} not in this Importance (layers: {self.layers})")
+        w = self.weights[layer][self.row(cls)]
+        values, idx = torch.topk(w, min(k, w.numel()))
+        return idx, values
+
+    # ---------------------------------------------------------------- persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": self.weights,
+                "classes": self.classes, "class_names": self.class_names, "meta": _plain(self.meta)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes atomically (a temporary file renamed over `path`)."""
+        atomic_save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Importance":
+        """Reads a file written by `save` with torch.load(weights_only=True)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no Importance file at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"{path} is not a readable chip_ext Importance file "
+                             f"(corrupt or not written by Importance.save): {err}") from err
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a chip_ext Importance file (no '{FORMAT}' marker)")
+        if state.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path} was written by a newer chip_ext (format "
+                             f"{state['format_version']}; this one reads {FORMAT_VERSION})")
+        return cls(state["weights"], state["classes"], class_names=state["class_names"],
+                   meta=state["meta"])
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in self.weights.items())
+        return f"Importance({len(self.classes)} classes; {shapes})"
+
+
+def _plain(value: Any) -> Any:
+    """Meta made of what torch.load(weights_only=True) accepts: dicts, lists, str, numbers, tensors."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None or isinstance(value, Tensor):
+        return value
+    return str(value)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,148 @@
+"""Splitting a model at a layer with torch.fx: a prefix (input -> the layer's output) and a suffix
+(the layer's output -> the model's output), so that distillation runs the prefix once per image and
+only the suffix on the N gated copies.
+
+The layer named is kept whole (a leaf of the trace), as is every module without children, so
+models whose modules branch on input sizes (timm's Conv2dSame) still trace. The cut is clean when
+nothing computed before it, other than the layer's output, is used after it (a skip connection
+around the layer makes the cut unclean); otherwise an error lists clean cut points nearby.
+"""
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import fx, nn
+
+
+class SplitError(ValueError):
+    """The model cannot be split at the requested layer (the message says why and what would work)."""
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, keep_whole: set[str]):
+        super().__init__()
+        self.keep_whole = keep_whole
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.keep_whole:
+            return True
+        if next(m.children(), None) is None:  # no submodules: keep it whole
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, keep_whole: set[str] | None = None) -> fx.GraphModule:
+    """torch.fx trace of `model`, keeping `keep_whole` and every module without children whole."""
+    tracer = _LeafTracer(set(keep_whole or ()))
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # noqa: BLE001 - any tracing failure gets the same explanation
+        raise SplitError(
+            f"torch.fx could not trace {type(model).__name__} to split it: {type(err).__name__}: {err}. "
+            "chip_ext splits the model at the layer with torch.fx; control flow that depends on tensor "
+            "values or shapes must live inside a module without children (such modules are kept whole)."
+        ) from err
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _input_dependent(nodes: list[fx.Node]) -> set[fx.Node]:
+    dep: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def _leaks(nodes: list[fx.Node], cut_index: int, dep: set[fx.Node]) -> list[fx.Node]:
+    """Input-dependent nodes before the cut (other than the cut) that are used after it."""
+    after = set(nodes[cut_index + 1:])
+    return [n for n in nodes[:cut_index] if n in dep and any(u in after for u in n.users)]
+
+
+def clean_cut_points(model: nn.Module, gm: fx.GraphModule | None = None) -> list[str]:
+    """Module names (in forward order) at which `split` can cut the model cleanly.
+
+    A module qualifies when it is called once and nothing computed before its output (other than
+    that output) is used after it. Containers qualify too (their output is their last node).
+    """
+    gm = gm if gm is not None else trace(model)
+    nodes = list(gm.graph.nodes)
+    dep = _input_dependent(nodes)
+    last: dict[str, int] = {}
+    calls: dict[str, set[str]] = {}
+    for i, n in enumerate(nodes):
+        for key, value in n.meta.get("nn_module_stack", {}).items():
+            path = value[0] if isinstance(value, tuple) else str(key)
+            last[path] = i
+            calls.setdefault(path, set()).add(str(key))
+        if n.op == "call_module" and "nn_module_stack" not in n.meta:  # older torch: leaves only
+            last[str(n.target)] = i
+            calls.setdefault(str(n.target), set()).add(n.name)
+    names = []
+    for path, i in sorted(last.items(), key=lambda kv: (kv[1], -kv[0].count("."))):
+        if path and len(calls[path]) == 1 and nodes[i] in dep and not _leaks(nodes, i, dep):
+            names.append(path)
+    return names
+
+
+def _unknown_layer(model: nn.Module, layer: str) -> SplitError:
+    names = [name for name, _ in model.named_modules() if name]
+    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return SplitError(f"layer {layer!r} is not a module of {type(model).__name__} "
+                      f"(see model.named_modules()).{hint}")
+
+
+def split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Returns (prefix, suffix): prefix(x) is `layer`'s output A; suffix(A) is the model's output."""
+    if layer not in dict(model.named_modules()) or layer == "":
+        raise _unknown_layer(model, layer)
+    gm = trace(model, {layer})
+    nodes = list(gm.graph.nodes)
+    cuts = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer]
+    if not cuts:
+        raise SplitError(f"layer {layer!r} is never called in {type(model).__name__}.forward, so its "
+                         "output cannot be perturbed")
+    if len(cuts) > 1:
+        raise SplitError(f"layer {layer!r} is called {len(cuts)} times in forward (a shared module); "
+                         "its output is not one tensor to perturb")
+    ci = cuts[0]
+    cut = nodes[ci]
+    dep = _input_dependent(nodes)
+    leaks = _leaks(nodes, ci, dep)
+    if leaks:
+        valid = clean_cut_points(model)
+        position = {name: i for i, name in enumerate(valid)}
+        flat = list(dict(model.named_modules()))
+        here = flat.index(layer)
+        near = sorted(valid, key=lambda name: abs(flat.index(name) - here) if name in flat else 1 << 30)[:6]
+        near = sorted(near, key=position.get)
+        raise SplitError(
+            f"cannot cut {type(model).__name__} cleanly at {layer!r}: "
+            f"{', '.join(n.name for n in leaks[:5])} computed before it "
+            f"{'is' if len(leaks) == 1 else 'are'} used after it (a skip connection around the layer). "
+            f"Clean cut points near it: {', '.join(repr(v) for v in near) or 'none found'}")
+
+    # prefix: everything up to the cut, returning the cut's output
+    prefix_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in nodes[:ci + 1]:
+        env[n] = prefix_graph.node_copy(n, lambda a: env[a])
+    prefix_graph.output(env[cut])
+
+    # suffix: a placeholder for the cut's output, then everything after it; input-independent nodes
+    # from before the cut (constants, parameters read by get_attr) are copied over as needed
+    suffix_graph = fx.Graph()
+    senv: dict[fx.Node, fx.Node] = {cut: suffix_graph.placeholder("activation")}
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a not in senv:
+            senv[a] = suffix_graph.node_copy(a, lookup)
+        return senv[a]
+
+    for n in nodes[ci + 1:]:
+        senv[n] = suffix_graph.node_copy(n, lookup)
+    prefix = fx.GraphModule(gm, prefix_graph, f"{type(model).__name__}Prefix")
+    suffix = fx.GraphModule(gm, suffix_graph, f"{type(model).__name__}Suffix")
+    return prefix, suffix

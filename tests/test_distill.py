@@ -1,0 +1,295 @@
+"""chip_ext.distill end to end on small CNNs (CPU)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import chip_ext
+from chip_ext.distill import images_of
+from chip_ext.split import SplitError
+
+
+class Planted(nn.Module):
+    """logits = W_true @ GAP(relu(conv(x))): the logits are an exactly known sparse linear map of the
+    pooled features at the cut layer `features.1` (no bias)."""
+
+    def __init__(self, K=6, C=4, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.features = nn.Sequential(nn.Conv2d(3, K, 3, padding=1), nn.ReLU())
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.randn(K, 3, 3, 3, generator=g))
+            self.features[0].bias.copy_(torch.rand(K, generator=g))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(K, C, bias=False)
+        W = torch.randn(C, K, generator=g)
+        W[torch.rand(C, K, generator=g) < 0.5] = 0.0
+        W[:, 0] = torch.tensor([1.5, 0.0, -0.7, 0.0])[:C]
+        with torch.no_grad():
+            self.fc.weight.copy_(W)
+        self.W_true = W
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, C=5):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.head = nn.Linear(12, C)
+
+    def forward(self, x):
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class F64(nn.Module):
+    """Runs a module in float64 and returns float32: a float32 network's outputs depend on the batch
+    size in the last bits (oneDNN picks kernels by shape, ~3e-8 here); this one's do not."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.m = module.double()
+
+    def forward(self, x):
+        return self.m(x.double()).float()
+
+
+class InvariantCNN(SmallCNN):
+    def __init__(self, C=5):
+        super().__init__(C)
+        self.conv1, self.conv2, self.head = F64(self.conv1), F64(self.conv2), F64(self.head)
+
+
+def batches(n_batches=5, B=4, size=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, 3, size, size, generator=g) for _ in range(n_batches)]
+
+
+TIGHT = dict(tol=1e-13, max_iter=50_000)
+
+
+def test_planted_recovery():
+    model = Planted()
+    # lam small enough to bias the values by ~3e-6, large enough that the Lasso's true zeros are
+    # exact zeros (at lam=1e-9 they come out as ~1e-8: the exact solution's O(lam) leakage)
+    imp = chip_ext.distill(model, batches(8, 4, 9), "features.1", num_perturbations=24,
+                           target="logit", lam=1e-6, progress=False, **TIGHT)
+    W = imp.weights["features.1"].double()
+    assert torch.equal(W != 0, model.W_true != 0), (W, model.W_true)  # support exact, zeros exact
+    torch.testing.assert_close(W, model.W_true.double(), rtol=0, atol=1e-4)
+
+
+def test_importance_contents():
+    model = SmallCNN()
+    imp = chip_ext.distill(model, batches(), ["conv1", "relu2"], num_perturbations=6, classes=[4, 1],
+                           class_names=[f"c{i}" for i in range(5)], progress=False)
+    assert imp.layers == ["conv1", "relu2"] and imp.classes == [4, 1] and imp.class_names == ["c4", "c1"]
+    assert imp.weights["conv1"].shape == (2, 8) and imp.weights["relu2"].shape == (2, 12)
+    m = imp.meta
+    assert m["images_seen"] == 20 and m["perturbations_per_image"] == 6 and m["seed"] == 0
+    assert m["layer_shapes"] == {"conv1": [8, 10, 10], "relu2": [12, 10, 10]}
+    assert m["lam_ratio"] == 0.1 and m["model"] == chip_ext.distill.__globals__["model_fingerprint"](model)
+    assert math.isclose(m["sigma_used"]["relu2"], math.sqrt(12 / 4))
+    assert set(m["timing_s"]) >= {"prefix", "gate_pool", "suffix", "accumulate", "solve"}
+    assert m["solver"]["relu2"]["converged"]
+    # lam_ratio=0.1 of lambda_max: at least one channel survives per class, not all of them
+    nz = (imp.weights["relu2"] != 0).sum(dim=1)
+    assert torch.all(nz >= 1) and torch.all(nz < 12)
+
+
+def test_same_seed_identical_and_other_seed_differs():
+    model = SmallCNN()
+    kw = dict(num_perturbations=5, progress=False)
+    a = chip_ext.distill(model, batches(), "relu2", seed=7, **kw).weights["relu2"]
+    b = chip_ext.distill(model, batches(), "relu2", seed=7, **kw).weights["relu2"]
+    c = chip_ext.distill(model, batches(), "relu2", seed=8, **kw).weights["relu2"]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_size=1), dict(batch_size=3),
+                                    dict(memory_budget=2 * 12 * 10 * 10 * 4)])  # 2 copies per suffix call
+def test_independent_of_batch_and_chunk_size(kwargs):
+    """Gates keyed by image index and float64 sums: W depends on neither (given a network whose
+    outputs do not depend on the batch size, see F64)."""
+    model = InvariantCNN()
+    common = dict(num_perturbations=7, progress=False, **TIGHT)
+    ref = chip_ext.distill(model, batches(), ["conv1", "relu2"], **common)
+    other = chip_ext.distill(model, batches(), ["conv1", "relu2"], **common, **kwargs)
+    for layer in ref.layers:
+        torch.testing.assert_close(other.weights[layer].double(), ref.weights[layer].double(),
+                                   rtol=0, atol=1e-10)
+
+
+class Crashing:
+    """Yields the first `crash_after` batches, then raises, like a job killed mid-run."""
+
+    def __init__(self, data, crash_after):
+        self.data, self.crash_after = data, crash_after
+
+    def __iter__(self):
+        for i, x in enumerate(self.data):
+            if i == self.crash_after:
+                raise RuntimeError("simulated crash")
+            yield x
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path):
+    model = SmallCNN()
+    common = dict(num_perturbations=6, progress=False, **TIGHT)
+    data = batches(6)
+    ref = chip_ext.distill(model, data, "relu2", **common)
+    ck = tmp_path / "run.ckpt"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        chip_ext.distill(model, Crashing(data, 3), "relu2", checkpoint=ck, checkpoint_every=0, **common)
+    saved = torch.load(ck, weights_only=True)
+    assert saved["seen"] == 12 and not saved["complete"]
+    resumed = chip_ext.distill(model, data, "relu2", checkpoint=ck, checkpoint_every=0, **common)
+    assert resumed.meta["resumed"] and resumed.meta["images_seen"] == 24
+    torch.testing.assert_close(resumed.weights["relu2"].double(), ref.weights["relu2"].double(),
+                               rtol=0, atol=1e-10)
+    # a finished checkpoint re-solves without reading the loader (here: with another lambda)
+    again = chip_ext.distill(model, [], "relu2", checkpoint=ck, lam_ratio=0.5, **common)
+    assert again.meta["images_seen"] == 24
+    assert (again.weights["relu2"] != 0).sum() < (ref.weights["relu2"] != 0).sum()
+
+
+def test_checkpoint_from_other_configuration_is_refused(tmp_path):
+    model = SmallCNN()
+    ck = tmp_path / "run.ckpt"
+    chip_ext.distill(model, batches(2), "relu2", num_perturbations=4, checkpoint=ck, progress=False)
+    with pytest.raises(ValueError, match=r"different configuration.*num_perturbations.*\(4, 5\)"):
+        chip_ext.distill(model, batches(2), "relu2", num_perturbations=5, checkpoint=ck, progress=False)
+    with pytest.raises(ValueError, match=r"different configuration.*'model'"):
+        chip_ext.distill(SmallCNN(C=6), batches(2), "relu2", num_perturbations=4, checkpoint=ck, progress=False)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        chip_ext.distill(model, batches(2), "relu2", checkpoint=tmp_path / "junk.ckpt", progress=False)
+
+
+def test_mode_restored_and_no_grad():
+    model = SmallCNN().train()
+    model.head.eval()
+    chip_ext.distill(model, batches(1), "relu2", num_perturbations=3, progress=False)
+    assert model.training and model.conv1.training and not model.head.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_loader_item_forms():
+    x = torch.randn(2, 3, 8, 8)
+    assert images_of(x, 0) is x
+    assert images_of((x, torch.tensor([1, 2])), 0) is x
+    assert images_of([x], 0) is x
+    assert images_of({"image": x, "label": 3}, 0) is x
+    assert images_of(x[0], 0).shape == (1, 3, 8, 8)
+    model = SmallCNN()
+    kw = dict(num_perturbations=4, progress=False, **TIGHT)
+    a = chip_ext.distill(model, [(b, 0) for b in batches(2)], "relu2", **kw)
+    b = chip_ext.distill(model, [{"image": b} for b in batches(2)], "relu2", **kw)
+    torch.testing.assert_close(a.weights["relu2"], b.weights["relu2"], rtol=0, atol=0)
+
+
+def test_progress_bar_reports_rates(capsys):
+    chip_ext.distill(SmallCNN(), batches(2), "relu2", num_perturbations=3, progress=True)
+    err = capsys.readouterr().err
+    assert "distill" in err and "img" in err and "perturbed nets/s" in err
+
+
+# ------------------------------------------------------------------------------- bad inputs
+
+
+class NaNAt(nn.Module):
+    """A layer that writes NaN into image 5 of the stream (the second batch's second image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            x = x.clone()
+            x[1] = float("nan")
+        return x
+
+
+@pytest.mark.parametrize("layers, kwargs, exc, pattern", [
+    ("relu3", {}, SplitError, r"'relu3' is not a module of SmallCNN.*Did you mean 'relu2'"),
+    ("head", {}, ValueError, r"layer 'head' outputs \[4, 5\]; CHIP needs a convolutional feature map"),
+    ([], {}, ValueError, "layers must be a module name or a non-empty list"),
+    ("relu2", dict(num_perturbations=0), ValueError, "num_perturbations must be an int >= 1; got 0"),
+    ("relu2", dict(sigma=0.0), ValueError, "sigma must be > 0; got 0.0"),
+    ("relu2", dict(rho=-1.0), ValueError, "rho must be > 0; got -1.0"),
+    ("relu2", dict(lam=-0.5), ValueError, "lam must be >= 0; got -0.5"),
+    ("relu2", dict(lam=0.1, lam_ratio=0.1), ValueError, "give lam .* or lam_ratio .*, not both"),
+    ("relu2", dict(classes=[0, 5]), ValueError, r"classes \[5\] are out of range: the model has 5 outputs"),
+    ("relu2", dict(target="softmax"), ValueError, "target must be 'prob', 'logit' or a callable"),
+    ("relu2", dict(batch_size=0), ValueError, "batch_size must be >= 1; got 0"),
+])
+def test_bad_arguments(layers, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        chip_ext.distill(SmallCNN(), batches(2), layers, progress=False, **kwargs)
+
+
+def test_empty_loader():
+    with pytest.raises(ValueError, match="the loader produced no images"):
+        chip_ext.distill(SmallCNN(), [], "relu2", progress=False)
+
+
+@pytest.mark.parametrize("item, pattern", [
+    ("not an image", r"loader item 0 is a str; expected an image tensor"),
+    (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), r"loader item 0 holds a 4-D torch.uint8 tensor"),
+    (torch.zeros(8, 8), r"loader item 0 holds a 2-D"),
+])
+def test_non_image_batches(item, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        chip_ext.distill(SmallCNN(), [item], "relu2", progress=False)
+
+
+def test_nan_in_activations_names_the_image():
+    model = SmallCNN()
+    model.conv2 = nn.Sequential(NaNAt(), model.conv2)
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf in the activations of layer 'relu2' for image 5"):
+        chip_ext.distill(model, batches(3), "relu2", num_perturbations=3, progress=False)
+
+
+def test_nan_in_scores_names_the_image():
+    model = SmallCNN()
+    model.head = nn.Sequential(NaNAt(), model.head)  # the suffix's 2nd call is the 2nd batch's
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf in the scores after perturbing layer 'relu2' for image 5"):
+        chip_ext.distill(model, batches(3), "relu2", num_perturbations=1, progress=False)
+
+
+def test_untraceable_model_says_why():
+    class Branchy(SmallCNN):
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on tensor values
+                x = x * 2
+            return super().forward(x)
+
+    with pytest.raises(SplitError, match="torch.fx could not trace Branchy"):
+        chip_ext.distill(Branchy(), batches(1), "relu2", progress=False)
+
+
+def test_unclean_cut_lists_valid_ones():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 3, 1)
+            self.b = nn.Conv2d(3, 3, 1)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = self.b(y) + y  # skip connection around b
+            return self.head(z.mean(dim=(2, 3)))
+
+    with pytest.raises(SplitError, match=r"cannot cut Skip cleanly at 'b': a computed before it is used after it.*Clean cut points near it: 'a'"):
+        chip_ext.distill(Skip(), batches(1), "b", progress=False)

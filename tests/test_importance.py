@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from chip_ext import Importance
+
+
+def make():
+    W = {"a": torch.tensor([[0.0, 2.0, -1.0], [3.0, 0.0, 1.0]]), "b": torch.rand(2, 5)}
+    return Importance(W, [7, 3], class_names=["seven", "three"], meta={"seed": 1, "lam": torch.ones(2)})
+
+
+def test_save_load_roundtrip_weights_only(tmp_path):
+    imp = make()
+    path = tmp_path / "imp.pt"
+    imp.save(path)
+    raw = torch.load(path, weights_only=True)  # safe loading works on the file as written
+    assert raw["format"] == "chip_ext.Importance"
+    back = Importance.load(path)
+    assert back.layers == ["a", "b"] and back.classes == [7, 3] and back.class_names == ["seven", "three"]
+    assert torch.equal(back.weights["a"], imp.weights["a"]) and back.meta["seed"] == 1
+
+
+def test_top_channels():
+    imp = make()
+    idx, val = imp.top_channels(7, 2, layer="a")
+    assert idx.tolist() == [1, 0] and val.tolist() == [2.0, 0.0]
+    idx, _ = imp.top_channels("three", 1, layer="a")
+    assert idx.tolist() == [0]
+    with pytest.raises(KeyError, match="class 5 was not distilled"):
+        imp.top_channels(5)
+    with pytest.raises(KeyError, match="layer 'c' not in this Importance"):
+        imp.top_channels(7, layer="c")
+
+
+def test_corrupt_and_foreign_files(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="not a readable chip_ext Importance file"):
+        Importance.load(tmp_path / "junk.pt")
+    torch.save({"state": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a chip_ext Importance file"):
+        Importance.load(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        Importance.load(tmp_path / "missing.pt")
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match=r"weights\['a'\] must be a Tensor\[C, K\] with C=2; got \[3, 4\]"):
+        Importance({"a": torch.zeros(3, 4)}, [0, 1])
+    with pytest.raises(ValueError, match="one name per class"):
+        Importance({"a": torch.zeros(2, 4)}, [0, 1], class_names=["x"])

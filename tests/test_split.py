@@ -1,0 +1,92 @@
+"""Splitting real architectures at a layer: prefix then suffix equals the model; unclean cuts refused."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import chip_ext
+from chip_ext.split import SplitError, clean_cut_points, split
+
+
+def timm_lite0():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+
+
+MODELS = {
+    "vgg16": lambda: torchvision.models.vgg16(weights=None),
+    "resnet50": lambda: torchvision.models.resnet50(weights=None),
+    "efficientnet_lite0": timm_lite0,
+}
+
+
+@pytest.mark.parametrize("name, layer, K", [
+    ("vgg16", "features.29", 512),     # conv5_3 + ReLU(inplace)
+    ("vgg16", "features.3", 64),       # conv1_2 + ReLU
+    ("resnet50", "layer4", 2048),
+    ("resnet50", "layer2", 512),
+    ("efficientnet_lite0", "bn1", 32),
+    ("efficientnet_lite0", "blocks.3", 80),
+    ("efficientnet_lite0", "blocks.6", 320),
+    ("efficientnet_lite0", "bn2", 1280),
+])
+def test_prefix_then_suffix_is_the_model(name, layer, K):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(2, 3, 64, 64)
+    prefix, suffix = split(model, layer)
+    with torch.no_grad():
+        A = prefix(x)
+        out = suffix(A.clone())  # clone: the suffix must not depend on anything but the activation
+        ref = model(x)
+    assert A.dim() == 4 and A.shape[1] == K
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_distill_runs_on_real_architectures():
+    """One tiny distillation each (random weights, 2 images, 2 perturbations, 3 classes)."""
+    torch.manual_seed(0)
+    x = [torch.randn(2, 3, 32, 32)]
+    for name, layer in [("vgg16", "features.29"), ("resnet50", "layer4"), ("efficientnet_lite0", "blocks.6")]:
+        imp = chip_ext.distill(MODELS[name](), x, layer, num_perturbations=2, classes=[0, 1, 2],
+                               progress=False)
+        assert imp.weights[layer].shape[0] == 3 and torch.isfinite(imp.weights[layer]).all()
+
+
+def test_resnet_skip_connection_is_refused_with_suggestions():
+    model = torchvision.models.resnet50(weights=None)
+    with pytest.raises(SplitError, match=r"cannot cut ResNet cleanly at 'layer3.2.conv3'.*Clean cut points near it: .*'layer3.2'"):
+        split(model, "layer3.2.conv3")
+    assert "layer4" in clean_cut_points(model) and "layer3.2.conv3" not in clean_cut_points(model)
+
+
+def test_shared_module_is_refused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(self.conv(x)).mean(dim=(2, 3)))
+
+    with pytest.raises(SplitError, match=r"'conv' is called 2 times in forward"):
+        split(Twice(), "conv")
+    assert "conv" not in clean_cut_points(Twice())
+
+
+def test_unknown_layer_suggests_close_names():
+    with pytest.raises(SplitError, match=r"'features.290' is not a module of VGG.*Did you mean 'features.29'"):
+        split(torchvision.models.vgg16(weights=None), "features.290")
+
+
+def test_container_cut_uses_its_output():
+    """A container (ResNet's layer4) is kept whole: its output is the cut, not its last leaf."""
+    model = torchvision.models.resnet18(weights=None).eval()
+    prefix, _ = split(model, "layer4")
+    x = torch.randn(1, 3, 64, 64)
+    feats = {}
+    model.layer4.register_forward_hook(lambda m, i, o: feats.setdefault("out", o))
+    with torch.no_grad():
+        model(x)
+        torch.testing.assert_close(prefix(x), feats["out"])
