@@ -4,7 +4,7 @@ Kernels (CPU and CUDA): `gate_pool` (channel gating fused with global average po
 `gram_accumulate` (class-weighted Gram accumulation in float64). See README.md.
 """
 from ._extension import build_info
-from .distill import distill
+from .distillation import distill
 from .importance import Importance
 from .ops import Accumulators, GatePoolOutput, gate_pool, gram_accumulate, new_accumulators
 from .packing import pack_triu, packed_size, size_from_packed, unpack_triu

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import chip_ext
-from chip_ext.distill import images_of
+from chip_ext.distillation import images_of, model_fingerprint
 from chip_ext.split import SplitError
 
 
@@ -95,7 +95,7 @@ def test_importance_contents():
     m = imp.meta
     assert m["images_seen"] == 20 and m["perturbations_per_image"] == 6 and m["seed"] == 0
     assert m["layer_shapes"] == {"conv1": [8, 10, 10], "relu2": [12, 10, 10]}
-    assert m["lam_ratio"] == 0.1 and m["model"] == chip_ext.distill.__globals__["model_fingerprint"](model)
+    assert m["lam_ratio"] == 0.1 and m["model"] == model_fingerprint(model)
     assert math.isclose(m["sigma_used"]["relu2"], math.sqrt(12 / 4))
     assert set(m["timing_s"]) >= {"prefix", "gate_pool", "suffix", "accumulate", "solve"}
     assert m["solver"]["relu2"]["converged"]
@@ -198,8 +198,20 @@ def test_loader_item_forms():
 
 def test_progress_bar_reports_rates(capsys):
     chip_ext.distill(SmallCNN(), batches(2), "relu2", num_perturbations=3, progress=True)
-    err = capsys.readouterr().err
-    assert "distill" in err and "img" in err and "perturbed nets/s" in err
+    captured = capsys.readouterr()
+    assert "distill" in captured.err and "img" in captured.err and "perturbed nets/s" in captured.err
+    chip_ext.distill(SmallCNN(), batches(2), "relu2", num_perturbations=3, progress=False)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_accumulators_that_do_not_fit_fail_before_accumulating(monkeypatch):
+    import chip_ext.distillation as distill_module
+
+    monkeypatch.setattr(distill_module, "_free_bytes", lambda device: 1_000)  # the sums need 3.6 KiB
+    with pytest.raises(MemoryError, match=r"accumulators of layer 'relu2' need .* for C=5 classes and K=12 "
+                                          r"channels .* but only .* is free on cpu\. Pass fewer classes="):
+        chip_ext.distill(SmallCNN(), batches(1), "relu2", num_perturbations=3, progress=False)
 
 
 # ------------------------------------------------------------------------------- bad inputs
