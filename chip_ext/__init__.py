@@ -4,7 +4,9 @@ Kernels (CPU and CUDA): `gate_pool` (channel gating fused with global average po
 `gram_accumulate` (class-weighted Gram accumulation in float64). See README.md.
 """
 from ._extension import build_info
+from . import baselines
 from .distillation import distill
+from .explain import explain
 from .importance import Importance
 from .ops import Accumulators, GatePoolOutput, gate_pool, gram_accumulate, new_accumulators
 from .packing import pack_triu, packed_size, size_from_packed, unpack_triu
@@ -14,7 +16,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Accumulators",
     "Importance",
+    "baselines",
     "distill",
+    "explain",
     "GatePoolOutput",
     "build_info",
     "gate_pool",

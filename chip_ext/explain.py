@@ -1,0 +1,90 @@
+"""CHIP explanations (DESIGN §1): CHIP, Refined CHIP and Guided CHIP maps from an `Importance`."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .baselines import _Eval, cached_split, check_images, guided_backprop, normalize_maps, resolve_target
+from .importance import Importance
+
+METHODS = ("chip", "refined", "guided_chip")
+TargetArg = int | str | Sequence[int] | Sequence[str] | Tensor | None
+
+
+def forward_order(model: nn.Module, layers: Sequence[str]) -> list[str]:
+    """`layers` sorted by where their modules stand in model.named_modules() (forward order for
+    sequential CNNs)."""
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    missing = [l for l in layers if l not in position]
+    if missing:
+        raise ValueError(f"the importance has layer(s) {missing} that this model does not have; "
+                         "was it distilled on another model?")
+    return sorted(layers, key=position.__getitem__)
+
+
+def _target_indices(target: TargetArg, importance: Importance, logits: Tensor) -> Tensor:
+    """Resolves class names to output indices, then to one class per image."""
+    if isinstance(target, str) or (isinstance(target, (list, tuple)) and target and isinstance(target[0], str)):
+        names = [target] if isinstance(target, str) else list(target)
+        idx = [importance.classes[importance.row(n)] for n in names]
+        target = idx[0] if isinstance(target, str) else idx
+    return resolve_target(target, logits)
+
+
+def chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: str,
+              target: TargetArg = None) -> tuple[Tensor, Tensor, Tensor]:
+    """ReLU(sum_k W[c, k] A_k) at `layer`, upsampled (bilinear) to the input size and min-max
+    normalised -> (maps Tensor[B, H, W] in [0, 1], target classes Tensor[B], logits Tensor[B, C])."""
+    check_images(images)
+    if layer not in importance.weights:
+        raise ValueError(f"layer {layer!r} is not in the importance (layers: {importance.layers})")
+    prefix, suffix = cached_split(model, layer)
+    with _Eval(model), torch.no_grad():
+        A = prefix(images)
+        logits = suffix(A.clone())
+    W_all = importance.weights[layer]
+    if A.dim() != 4 or A.shape[1] != W_all.shape[1]:
+        raise ValueError(f"layer {layer!r} of this model has {A.shape[1] if A.dim() > 1 else '?'} channels "
+                         f"(output {list(A.shape)}) but the importance has K={W_all.shape[1]}; "
+                         "was it distilled on another model?")
+    t = _target_indices(None if target is None else target, importance, logits)
+    try:
+        rows = [importance.row(int(c)) for c in t.tolist()]
+    except KeyError as err:
+        raise ValueError(f"{err.args[0]}; distilled classes: {importance.classes[:20]}"
+                         f"{'...' if len(importance.classes) > 20 else ''}. Pass target= one of them.") from None
+    W = W_all[rows].to(device=A.device, dtype=torch.float32)
+    maps = torch.relu(torch.einsum("bk,bkhw->bhw", W, A.float()))
+    return normalize_maps(maps, images.shape[-2:]), t, logits
+
+
+def explain(model: nn.Module, images: Tensor, importance: Importance, *, method: str = "chip",
+            layer: str | None = None, target: TargetArg = None) -> Tensor:
+    """Class-discriminative explanation maps from distilled CHIP importances.
+
+    images: Tensor[B, 3, H, W] (preprocessed as the model expects). importance: from chip_ext.distill.
+    method: "chip" (one layer: `layer`, default the importance's last layer in forward order),
+        "refined" (the product of the CHIP maps of the importance's first and last layers),
+        "guided_chip" (guided backprop x the CHIP map; returns Tensor[B, 3, H, W]).
+    target: None (each image's top-1 prediction), a class index, a class name, or one per image.
+    Returns Tensor[B, H, W] in [0, 1] at the input resolution, on the images' device.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if not isinstance(importance, Importance):
+        raise TypeError(f"importance must be a chip_ext.Importance; got {type(importance).__name__}")
+    layers = forward_order(model, importance.layers)
+    if method == "refined":
+        if layer is not None:
+            raise ValueError("method='refined' uses the importance's first and last layers; do not pass layer=")
+        if len(layers) < 2:
+            raise ValueError(f"method='refined' needs an importance with two layers or more; it has {layers}")
+        last, t, _ = chip_maps(model, images, importance, layers[-1], target)
+        first, _, _ = chip_maps(model, images, importance, layers[0], t)
+        return first * last
+    maps, t, _ = chip_maps(model, images, importance, layer or layers[-1], target)
+    if method == "guided_chip":
+        return guided_backprop(model, images, t) * maps.unsqueeze(1)
+    return maps

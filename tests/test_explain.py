@@ -1,0 +1,121 @@
+"""chip_ext.explain: CHIP, Refined CHIP and Guided CHIP maps."""
+import pytest
+import torch
+import torchvision
+
+import chip_ext
+from chip_ext import Importance, baselines as bl
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+@pytest.fixture(scope="module")
+def importance():
+    g = torch.Generator().manual_seed(2)
+    W = {"layer1": torch.randn(3, 64, generator=g), "layer4": torch.randn(3, 512, generator=g)}
+    return Importance(W, [3, 7, 11], class_names=["three", "seven", "eleven"])
+
+
+def images(B=2, size=64):
+    return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def hooked(model, layer, x):
+    feats = {}
+    h = model.get_submodule(layer).register_forward_hook(lambda m, i, o: feats.setdefault("A", o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        h.remove()
+    return feats["A"]
+
+
+@pytest.mark.parametrize("layer", ["layer1", "layer4"])
+def test_chip_map_is_relu_of_weighted_channels(model, importance, layer):
+    x, t = images(), [7, 11]
+    A = hooked(model, layer, x)  # independently, from a forward hook
+    W = importance.weights[layer][[1, 2]]
+    manual = torch.relu(torch.einsum("bk,bkhw->bhw", W, A))
+    manual = torch.nn.functional.interpolate(manual[:, None], size=(64, 64), mode="bilinear",
+                                             align_corners=False)[:, 0]
+    lo = manual.amin(dim=(1, 2), keepdim=True)
+    hi = manual.amax(dim=(1, 2), keepdim=True)
+    manual = (manual - lo) / (hi - lo)
+    ours = chip_ext.explain(model, x, importance, layer=layer, target=t)
+    assert ours.shape == (2, 64, 64) and ours.device == x.device
+    torch.testing.assert_close(ours, manual, rtol=0, atol=1e-5)
+
+
+def test_default_layer_is_last_in_forward_order(model):
+    imp = Importance({"layer4": torch.rand(1, 512), "layer1": torch.rand(1, 64)}, [5])
+    x = images()
+    torch.testing.assert_close(chip_ext.explain(model, x, imp, target=5),
+                               chip_ext.explain(model, x, imp, layer="layer4", target=5))
+
+
+def test_refined_is_product_of_first_and_last(model, importance):
+    x = images()
+    first = chip_ext.explain(model, x, importance, layer="layer1", target="seven")
+    last = chip_ext.explain(model, x, importance, layer="layer4", target="seven")
+    refined = chip_ext.explain(model, x, importance, method="refined", target="seven")
+    torch.testing.assert_close(refined, first * last)
+    assert float(refined.min()) >= 0 and float(refined.max()) <= 1
+
+
+def test_guided_chip(model, importance):
+    x, t = images(), [3, 7]
+    gc = chip_ext.explain(model, x, importance, method="guided_chip", target=t)
+    expected = bl.guided_backprop(model, x, t) * chip_ext.explain(model, x, importance, target=t)[:, None]
+    assert gc.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(gc, expected)
+
+
+def test_target_forms(model, importance):
+    x = images()
+    by_index = chip_ext.explain(model, x, importance, target=[7, 11])
+    by_name = chip_ext.explain(model, x, importance, target=["seven", "eleven"])
+    torch.testing.assert_close(by_index, by_name)
+    torch.testing.assert_close(chip_ext.explain(model, x, importance, target=torch.tensor([7, 7])),
+                               chip_ext.explain(model, x, importance, target="seven"))
+
+
+def test_top1_target_must_be_distilled(model, importance):
+    with pytest.raises(ValueError, match=r"was not distilled.*distilled classes: \[3, 7, 11\]. Pass target="):
+        chip_ext.explain(model, images(), importance)  # random ResNet's top-1 is not among 3, 7, 11
+
+
+def test_importance_and_model_must_agree(model):
+    with pytest.raises(ValueError, match=r"layer 'layer4' of this model has 512 channels .* importance has K=100"):
+        chip_ext.explain(model, images(), Importance({"layer4": torch.rand(1, 100)}, [1]), target=1)
+    with pytest.raises(ValueError, match=r"importance has layer\(s\) \['blocks.6'\] that this model does not have"):
+        chip_ext.explain(model, images(), Importance({"blocks.6": torch.rand(1, 320)}, [1]), target=1)
+    with pytest.raises(ValueError, match=r"layer 'layer2' is not in the importance"):
+        chip_ext.explain(model, images(), Importance({"layer4": torch.rand(1, 512)}, [1]), layer="layer2", target=1)
+
+
+def test_bad_arguments(model, importance):
+    with pytest.raises(ValueError, match="method must be one of"):
+        chip_ext.explain(model, images(), importance, method="gradcam", target=3)
+    with pytest.raises(ValueError, match="needs an importance with two layers"):
+        chip_ext.explain(model, images(), Importance({"layer4": torch.rand(1, 512)}, [1]), method="refined", target=1)
+    with pytest.raises(TypeError, match="importance must be a chip_ext.Importance"):
+        chip_ext.explain(model, images(), {"layer4": torch.rand(1, 512)}, target=1)
+    with pytest.raises(KeyError, match="class 'cat' is not among the distilled class names"):
+        chip_ext.explain(model, images(), importance, target="cat")
+
+
+def test_with_a_distilled_importance(model):
+    """End to end: distill two layers, then every method runs and gives maps in range."""
+    data = [images(2, 48), images(2, 48)]
+    imp = chip_ext.distill(model, data, ["layer1", "layer4"], num_perturbations=4, classes=[0, 1],
+                           progress=False)
+    x = images(2, 48)
+    for method in ("chip", "refined"):
+        m = chip_ext.explain(model, x, imp, method=method, target=[0, 1])
+        assert m.shape == (2, 48, 48) and float(m.min()) >= 0 and float(m.max()) <= 1
+    assert chip_ext.explain(model, x, imp, method="guided_chip", target=0).shape == (2, 3, 48, 48)
