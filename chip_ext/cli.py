@@ -30,12 +30,110 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPLAIN_METHODS = ("chip", "refined", "guided_chip", "gradcam", "cam", "guided_backprop", "guided_gradcam")
+METHOD_TITLES = {"chip": "CHIP", "refined": "Refined CHIP", "guided_chip": "Guided CHIP", "gradcam": "Grad-CAM",
+                 "cam": "CAM", "guided_backprop": "Guided BP", "guided_gradcam": "Guided Grad-CAM"}
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from . import Importance, baselines, explain, models, render
+
+    if args.methods is None:  # refined needs two layers
+        args.methods = "chip,refined,gradcam" if len(Importance.load(args.importance).layers) > 1 else "chip,gradcam"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in EXPLAIN_METHODS]
+    if bad or not methods:
+        raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(EXPLAIN_METHODS)}")
+    model, pre = models.load(args.model, args.weights)
+    imp = Importance.load(args.importance)
+    layer = args.layer or explain_layers(model, imp)[-1]
+    names = models.class_names_for(args.model) if ":" not in args.model else None
+    paths = [Path(p) for p in args.images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--images: no such file(s): {missing}")
+    shown = torch.stack([pre.display(Image.open(p)) for p in paths])
+    x = pre.normalize(shown)
+    with torch.no_grad():
+        probs = torch.softmax(model(x).float(), dim=1)
+
+    def name_of(c: int) -> str:
+        if imp.class_names and c in imp.classes:
+            return imp.class_names[imp.row(c)]
+        return names[c] if names and c < len(names) else str(c)
+
+    # the class each image is explained for
+    if args.target is not None:
+        c = int(args.target) if args.target.lstrip("-").isdigit() else imp.classes[imp.row(args.target)]
+        targets, why = [c] * len(paths), "given by --target"
+    else:
+        distilled = torch.tensor(imp.classes)
+        best = probs[:, distilled].argmax(dim=1)
+        targets = [int(distilled[b]) for b in best]
+        why = "the most probable of the distilled classes (the top-1 prediction when it was distilled)"
+    t = torch.tensor(targets)
+    columns = {}
+    for m in methods:
+        if m in ("chip", "refined", "guided_chip"):
+            columns[m] = explain(model, x, imp, method=m, target=t, layer=layer if m != "refined" else None)
+        elif m == "guided_backprop":
+            columns[m] = baselines.guided_backprop(model, x, t)
+        else:
+            columns[m] = getattr(baselines, m)(model, x, layer, t)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    titles = [f"{p.name}: {name_of(c)} (p={probs[i, c]:.2f})" for i, (p, c) in enumerate(zip(paths, targets))]
+    grid = render.save_grid(out / "explain.png", shown, {METHOD_TITLES[k]: v for k, v in columns.items()},
+                            row_titles=titles)
+    report = {"model": args.model, "importance": str(args.importance), "layer": layer, "target_rule": why,
+              "grid": grid.name, "images": []}
+    for i, p in enumerate(paths):
+        top = probs[i].topk(min(5, probs.shape[1]))
+        files = {}
+        for m, maps in columns.items():
+            files[m] = render.save_overlay(out / f"{p.stem}_{m}.png", shown[i], maps[i]).name
+        report["images"].append({
+            "file": str(p),
+            "predictions": [{"index": int(c), "name": name_of(int(c)), "prob": float(v)}
+                            for v, c in zip(top.values, top.indices)],
+            "target": {"index": targets[i], "name": name_of(targets[i]), "prob": float(probs[i, targets[i]])},
+            "outputs": files,
+        })
+    (out / "explain.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {grid} and {len(paths) * len(columns)} overlays, explain.json in {out}")
+    return 0
+
+
+def explain_layers(model, imp):
+    from .explain import forward_order
+
+    return forward_order(model, imp.layers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chip-ext", description="CHIP channel-wise explanations for CNNs")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="how chip_ext was built and what this machine can run")
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
     info.set_defaults(func=_info)
+
+    ex = sub.add_parser("explain", help="explain images with CHIP and the baselines; writes PNGs and a JSON")
+    ex.add_argument("--model", required=True, help="torchvision architecture (e.g. resnet50) or 'module:function'")
+    ex.add_argument("--weights", default=None, help="state-dict file for a torchvision architecture")
+    ex.add_argument("--importance", required=True, help="file written by Importance.save / chip-ext distill")
+    ex.add_argument("--images", nargs="+", required=True, help="image files (JPEG, PNG, ...)")
+    ex.add_argument("--target", default=None, help="class index or name (default: per image, the most "
+                    "probable distilled class)")
+    ex.add_argument("--methods", default=None, help=f"comma list of {', '.join(EXPLAIN_METHODS)} "
+                    "(default: chip,refined,gradcam; refined only with a two-layer importance)")
+    ex.add_argument("--layer", default=None, help="layer for chip/gradcam/cam (default: the importance's last)")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.set_defaults(func=_explain)
     return parser
 
 

@@ -192,7 +192,7 @@ def test_cam_for_gap_linear_equals_gradcam_without_relu(resnet):
     prefix, _ = bl.cached_split(resnet, "layer4")
     with torch.no_grad():
         A = prefix(x)
-    manual = torch.einsum("bk,bkhw->bhw", resnet.fc.weight[t], A)
+        manual = torch.einsum("bk,bkhw->bhw", resnet.fc.weight[t], A)
     HW = A.shape[-1] * A.shape[-2]
     assert (manual > 0).any() and (manual < 0).any()
     torch.testing.assert_close(raw * HW, torch.relu(manual), rtol=0, atol=1e-5 * float(manual.abs().max()))
@@ -228,13 +228,13 @@ def test_no_hooks_left_and_no_growth(resnet):
                lambda: bl.cam(resnet, x, "layer4"), lambda: bl.guided_gradcam(resnet, x, "layer4")):
         fn()
     gc.collect()
-    before = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    before = sum(type(o) in (torch.Tensor, torch.nn.Parameter) for o in gc.get_objects())
     for _ in range(25):
         bl.gradcam(resnet, x, "layer4")
         bl.guided_backprop(resnet, x)
         bl.guided_gradcam(resnet, x, "layer4")
     gc.collect()
-    after = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    after = sum(type(o) in (torch.Tensor, torch.nn.Parameter) for o in gc.get_objects())
     assert after - before <= 2, (before, after)
     for m in resnet.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
