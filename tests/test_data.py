@@ -1,0 +1,78 @@
+"""Readers of the three box formats, the ImageNet label mapping, and box rescaling."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chip_ext import data
+from shared_data import data_dir
+
+XML = """<annotation><folder>val</folder><filename>ILSVRC2012_val_00000001</filename>
+<size><width>500</width><height>250</height><depth>3</depth></size>
+<object><name>n01751748</name><bndbox><xmin>100</xmin><ymin>50</ymin><xmax>300</xmax><ymax>200</ymax></bndbox></object>
+<object><name>n01751748</name><bndbox><xmin>0</xmin><ymin>0</ymin><xmax>10</xmax><ymax>20</ymax></bndbox></object>
+</annotation>"""
+
+
+def test_voc_xml_reader(tmp_path):
+    (tmp_path / "xml").mkdir()
+    (tmp_path / "xml" / "a.xml").write_text(XML)
+    (s,) = data.read_voc_xml(tmp_path / "xml", tmp_path / "val")
+    assert s.label == 65 and s.size == (500, 250)  # n01751748 = sea snake = 65
+    assert s.boxes == [(100, 50, 300, 200), (0, 0, 10, 20)]
+    assert s.path == tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG"
+    (tmp_path / "xml" / "b.xml").write_text(XML.replace("n01751748", "n99999999"))
+    with pytest.raises(ValueError, match="not an ImageNet-1k wnid"):
+        data.read_voc_xml(tmp_path / "xml", tmp_path / "val")
+
+
+def test_wsol_metadata_reader(tmp_path):
+    (tmp_path / "image_ids.txt").write_text("val/a.JPEG\nval/b.JPEG\n")
+    (tmp_path / "class_labels.txt").write_text("val/a.JPEG,3\nval/b.JPEG,999\n")
+    (tmp_path / "image_sizes.txt").write_text("val/a.JPEG,640,480\nval/b.JPEG,100,200\n")
+    (tmp_path / "localization.txt").write_text("val/a.JPEG,1,2,30,40\nval/a.JPEG,5,5,6,6\nval/b.JPEG,0,0,99,199\n")
+    a, b = data.read_wsol_metadata(tmp_path, tmp_path)
+    assert (a.label, a.size, a.boxes) == (3, (640, 480), [(1, 2, 30, 40), (5, 5, 6, 6)])
+    assert (b.label, b.boxes) == (999, [(0, 0, 99, 199)])
+    with pytest.raises(FileNotFoundError, match="metadata file missing"):
+        data.read_wsol_metadata(tmp_path, tmp_path, prefix="x_")
+
+
+def test_resize_box_truncates_like_wsolevaluation():
+    assert data.resize_box((100, 50, 300, 200), (500, 250), (224, 224)) == (44, 44, 134, 179)
+
+
+def test_localization_dataset_rescales_boxes(tmp_path):
+    Image.fromarray(np.zeros((250, 500, 3), np.uint8)).save(tmp_path / "a.jpg")
+    s = data.LocSample(tmp_path / "a.jpg", 1, (500, 250), [(100, 50, 300, 200)])
+    x, label, boxes = data.LocalizationDataset([s], size=224)[0]
+    assert x.shape == (3, 224, 224) and label == 1 and boxes.tolist() == [[44, 44, 134, 179]]
+
+
+def test_imagenet_train_labels_follow_the_wnid(tmp_path):
+    for wnid in ("n02102040", "n01440764"):  # springer (217), tench (0): folder order != index order
+        (tmp_path / wnid).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / wnid / f"{i}.JPEG")
+    ds = data.ImageNetTrain(tmp_path, lambda im: torch.zeros(1), per_class=2)
+    assert len(ds) == 4 and ds.classes == [0, 217]
+    assert [label for _, label in ds.samples] == [0, 0, 217, 217]
+    assert data.imagenet_wnids()[217] == "n02102040" and len(data.imagenet_wnids()) == 1000
+
+
+def test_shared_data_all_three_forms_agree():
+    """The shared val set in CSV and XML form, and the ILSVRC metadata restricted to it, give the
+    same labels and (after rescaling to 224) boxes within a pixel."""
+    root = data_dir()
+    csv_samples = data.find_localization_samples(root / "imagenette")
+    assert len(csv_samples) == 250
+    xml_samples = {s.path.name: s for s in data.read_voc_xml(root / "imagenette" / "val_boxes_xml",
+                                                               root / "imagenette" / "val")}
+    meta = {s.path.name: s for s in data.read_wsol_metadata(root / "imagenet", root / "imagenet",
+                                                            prefix="ilsvrc2012_val_")}
+    for s in csv_samples[:40]:
+        x, m = xml_samples[s.path.name], meta[s.path.name]
+        assert s.label == x.label == m.label
+        a = [data.resize_box(b, s.size, (224, 224)) for b in s.boxes]
+        c = [data.resize_box(b, m.size, (224, 224)) for b in m.boxes]
+        assert len(a) == len(c) and np.abs(np.array(a) - np.array(c)).max() <= 1
