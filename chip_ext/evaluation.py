@@ -108,6 +108,8 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
             "at_calibrated_threshold": at_cal,
             "best_threshold_on_evaluation": float(thresholds[t_best]),
             "at_best_threshold": at_best,
+            "max_box_acc_calibration": float(c[calib].mean(0).max()) if len(calib) else None,
+            "max_box_acc_evaluation": float(c[evals].mean(0).max()),
             "max_box_acc_all_images": float(acc_all.max()),
             "max_box_acc_threshold_all_images": float(thresholds[int(np.argmax(acc_all))]),
             "max_box_acc_v2_all_images": {f"iou{d}": float(v2[:, :, k].mean(0).max())

@@ -121,7 +121,7 @@ def plot_top_channel_overlap(importance: Importance, classes: Sequence[int | str
         a2.text(j, i, str(ov[i, j]), ha="center", va="center", fontsize=8)
     a2.set_xticks(range(len(classes)), labels, rotation=45, ha="right", fontsize=8)
     a2.set_yticks(range(len(classes)), labels, fontsize=8)
-    a2.set_title(f"shared top-{k} channels", fontsize=9)
+    a2.set_title(f"shared top-{k}", fontsize=9)
     fig.tight_layout()
     return _save(fig, path, dpi)
 
