@@ -1,5 +1,6 @@
 # make test   : creates .venv if missing, installs the pinned dev dependencies, builds chip_ext
 #               (CUDA kernels too when nvcc is found), runs pytest and the C++ tests (ctest).
+# make demo   : the same setup, then chip-ext demo --out demo_out (open demo_out/index.html)
 # make build  : only the first three steps.      make bench : benchmarks/bench_ops.py
 # Idempotent: dependencies and the build are redone only when their inputs changed.
 SHELL := /bin/bash
@@ -17,7 +18,7 @@ CUDA_ROOT := $(if $(NVCC),$(shell f=$$(readlink -f $(NVCC)); if head -c2 $$f | g
 SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.cu' -o -name '*.h' | grep -v build_config.h) \
            setup.py pyproject.toml
 
-.PHONY: test build pytest ctest bench clean
+.PHONY: test build pytest ctest bench demo clean
 
 $(VENV)/.deps: requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -48,5 +49,8 @@ test: pytest ctest
 bench: build
 	$(PY) benchmarks/bench_ops.py
 
+demo: build
+	$(PY) -m chip_ext demo --out demo_out
+
 clean:
-	rm -rf build build-cmake chip_ext/_C*.so chip_ext/_build_info.py python/build_config.h $(VENV)/.built
+	rm -rf build build-cmake demo_out chip_ext/_C*.so chip_ext/_build_info.py python/build_config.h $(VENV)/.built

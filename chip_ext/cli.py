@@ -159,6 +159,14 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, fast=args.fast, views=args.views, perturbations=args.perturbations,
+             progress=not args.quiet)
+    return 0
+
+
 def explain_layers(model, imp):
     from .explain import forward_order
 
@@ -219,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--checkpoint", default=None)
     di.add_argument("--quiet", action="store_true")
     di.set_defaults(func=_distill)
+
+    de = sub.add_parser("demo", help="explain EfficientNet-Lite0 on bundled photos; writes index.html")
+    de.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    de.add_argument("--fast", action="store_true", help="tiny settings (a smoke test, not a good distillation)")
+    de.add_argument("--views", type=int, default=None, help="augmented views per photo (default 12)")
+    de.add_argument("--perturbations", type=int, default=None, help="N at blocks.6 (default 32)")
+    de.add_argument("--quiet", action="store_true")
+    de.set_defaults(func=_demo)
     return parser
 
 
