@@ -142,6 +142,21 @@ def _distill(args: argparse.Namespace) -> int:
 
     from . import data, distill, models
 
+    import os
+
+    import torch.distributed as dist
+
+    started_here = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
+        backend = "nccl" if (args.device or "").startswith("cuda") else "gloo"
+        if backend == "nccl":
+            import torch
+
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group(backend)
+        started_here = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
     model, pre = models.load(args.model, args.weights)
     dataset = data.ImageNetTrain(args.data, pre, per_class=args.per_class)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
@@ -154,8 +169,11 @@ def _distill(args: argparse.Namespace) -> int:
                   progress=not args.quiet)
     imp.meta["data"] = str(args.data)
     imp.meta["model_spec"] = args.model
-    imp.save(args.out)
-    print(f"wrote {args.out}: {imp}; {imp.meta['images_seen']} images, N={args.perturbations}")
+    if rank == 0:  # every rank holds the same Importance; one writes it
+        imp.save(args.out)
+        print(f"wrote {args.out}: {imp}; {imp.meta['images_seen']} images, N={args.perturbations}")
+    if started_here:
+        dist.destroy_process_group()
     return 0
 
 

@@ -93,6 +93,27 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_ranks_agree(config: dict) -> None:
+    """Every rank must distil with the same configuration and model; else fail on every rank."""
+    import torch.distributed as dist
+
+    configs = [None] * dist.get_world_size()
+    dist.all_gather_object(configs, config)
+    differ = sorted({k for c in configs for k in c if c.get(k) != configs[0].get(k)})
+    if differ:
+        raise ValueError(f"torch.distributed ranks disagree on {differ}: "
+                         + "; ".join(f"rank {r}: {[c.get(k) for k in differ]}" for r, c in enumerate(configs))
+                         + ". Every rank must call distill with the same model and arguments.")
+
+
 class _Stages:
     """Wall time per stage; synchronises the GPU at stage ends when profiling."""
 
@@ -211,6 +232,14 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         "num_perturbations": num_perturbations, "sigma": sigma, "max_drop": max_drop,
         "target": _target_name(target), "seed": int(seed), "model": model_fingerprint(model),
     }
+    rank, world = _dist_rank_world()
+    if world > 1:
+        if checkpoint is not None:
+            raise NotImplementedError("checkpoint= is not supported with torch.distributed yet; run without "
+                                      "it, or single-process with a checkpoint")
+        _check_ranks_agree({**config, "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter,
+                            "tol": tol, "max_images": max_images})
+        progress = progress and rank == 0
     stages = _Stages(device, profile)
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -218,10 +247,12 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     try:
         with torch.no_grad():
             run = _Run(states, config, classes, num_perturbations, sigma, max_drop, score, seed,
-                       device, batch_size, memory_budget, autocast_dtype, stages)
+                       device, batch_size, memory_budget, autocast_dtype, stages, rank=rank, world=world)
             resumed = run.resume(checkpoint) if checkpoint is not None else False
             if not run.complete:
                 run.stream(loader, progress, checkpoint, checkpoint_every, max_images)
+                if world > 1:
+                    run.reduce()
                 if checkpoint is not None:
                     run.complete = True
                     run.save(checkpoint)
@@ -261,7 +292,8 @@ class _Run:
     """The state of one distillation pass: accumulators, position, and the per-batch work."""
 
     def __init__(self, states, config, classes, N, sigma, max_drop, score, seed, device, batch_size,
-                 memory_budget, autocast_dtype, stages):
+                 memory_budget, autocast_dtype, stages, rank=0, world=1):
+        self.rank, self.world = rank, world
         self.states, self.config, self.N, self.sigma_arg = states, config, N, sigma
         self.max_drop, self.score, self.seed, self.device = max_drop, score, seed, device
         self.batch_size, self.memory_budget = batch_size, memory_budget
@@ -338,32 +370,40 @@ class _Run:
                     continue
                 x, position, skip = x[skip:], position + skip, 0
                 if max_images is not None:
-                    x = x[:max(0, max_images - self.seen)]
+                    x = x[:max(0, max_images - position)]
                 step = self.batch_size or x.shape[0]
                 for i0 in range(0, x.shape[0], step):
                     chunk = x[i0:i0 + step]
-                    self.process(chunk, position)
-                    position += chunk.shape[0]
-                    self.seen += chunk.shape[0]
-                    bar.update(chunk.shape[0])
-                    rate = (self.seen - imgs_start) / max(time.perf_counter() - t_start, 1e-9)
+                    n = chunk.shape[0]
+                    # with torch.distributed, rank r takes the images whose global index is r mod world
+                    mine = [i for i in range(n) if (position + i) % self.world == self.rank]
+                    if mine:
+                        local = chunk if len(mine) == n else chunk[mine]
+                        self.process(local, [position + i for i in mine])
+                    position += n
+                    self.seen += len(mine)
+                    bar.update(n)
+                    rate = (position - imgs_start) / max(time.perf_counter() - t_start, 1e-9)
                     bar.set_postfix_str(f"{rate * self.N * len(self.states):.0f} perturbed nets/s")
                 if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
                     self.save(checkpoint)
                     last_save = time.monotonic()
-                if max_images is not None and self.seen >= max_images:
+                if max_images is not None and position >= max_images:
                     break
         finally:
             bar.close()
+        self.consumed = position
+        if self.world > 1:
+            return  # the emptiness check happens in reduce(), on the total over ranks
         if self.seen == 0:
             raise ValueError("the loader produced no images (empty loader, or all of them were "
                              "already in the checkpoint's sums)")
 
-    def _check_finite(self, t: Tensor, what: str, first_index: int, per_image: int = 1) -> None:
+    def _check_finite(self, t: Tensor, what: str, indices: list[int]) -> None:
         bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
         if bool(bad.any()):
-            i = int(bad.nonzero()[0]) // per_image
-            raise FloatingPointError(f"NaN or Inf in {what} for image {first_index + i} (global index "
+            i = int(bad.nonzero()[0])
+            raise FloatingPointError(f"NaN or Inf in {what} for image {indices[i]} (global index "
                                      "in the loader's order)")
 
     def _setup_classes(self, num_outputs: int) -> None:
@@ -436,10 +476,10 @@ class _Run:
             result[i0:i1, n0:n1] = logits.float().reshape(i1 - i0, n1 - n0, -1)
         return result
 
-    def process(self, x: Tensor, first_index: int) -> None:
+    def process(self, x: Tensor, indices: list[int]) -> None:
+        """Adds the images x (global indices `indices`) to every layer's sums."""
         x = x.to(self.device, non_blocking=True)
         B = x.shape[0]
-        indices = range(first_index, first_index + B)
         for s in self.states:
             with self.stages("prefix"):
                 A = s.prefix(x)
@@ -449,7 +489,7 @@ class _Run:
                                  "map [B, K, H, W]")
             if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 A = A.float()
-            self._check_finite(A, f"the activations of layer {s.name!r}", first_index)
+            self._check_finite(A, f"the activations of layer {s.name!r}", indices)
             self._set_shape(s, A)
             K = A.shape[1]
             with self.stages("gates"):
@@ -457,16 +497,40 @@ class _Run:
                                      max_drop=self.max_drop).to(self.device)
                 h = proximity(gates, s.sigma)
             logits = self._suffix_logits(s, A, gates)  # [B, N, C_out]
-            self._check_finite(logits, f"the scores after perturbing layer {s.name!r}", first_index)
+            self._check_finite(logits, f"the scores after perturbing layer {s.name!r}", indices)
             self._setup_classes(logits.shape[-1])
             self._allocate(s)
             with self.stages("accumulate"):
                 f = torch.softmax(logits[:, 0], dim=-1)[:, self._class_index]  # loyalty: unperturbed probs
                 g = self.score(logits.reshape(B * self.N, -1)).reshape(B, self.N, -1)
                 g = g[..., self._class_index].float().contiguous()
-                self._check_finite(g, f"the target scores after perturbing layer {s.name!r}", first_index)
+                self._check_finite(g, f"the target scores after perturbing layer {s.name!r}", indices)
                 a = A.float().mean(dim=(2, 3))
                 ops.gram_accumulate(*s.acc, a, gates, h, f.contiguous(), g)
+
+    # ---------------------------------------------------------------- torch.distributed
+
+    def reduce(self) -> None:
+        """Sums every rank's float64 statistics (all-reduce); ranks that saw no image take the shapes
+        from the others. Fails on every rank when no rank saw an image."""
+        import torch.distributed as dist
+
+        facts = [None] * self.world
+        dist.all_gather_object(facts, {"seen": self.seen, "num_outputs": self.num_outputs,
+                                       "layers": {s.name: (s.shape, s.sigma) for s in self.states}})
+        total = sum(f["seen"] for f in facts)
+        if total == 0:
+            raise ValueError("the loader produced no images on any rank")
+        donor = next(f for f in facts if f["seen"] > 0)
+        if self.num_outputs is None:
+            self._setup_classes(donor["num_outputs"])
+        for s in self.states:
+            if s.shape is None:
+                s.shape, s.sigma = donor["layers"][s.name]
+            self._allocate(s)
+            for t in s.acc:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        self.seen = total
 
     # ---------------------------------------------------------------- solve
 
@@ -479,6 +543,8 @@ class _Run:
             W = torch.zeros(C, K, dtype=torch.float64)
             lam_c = torch.zeros(C, dtype=torch.float64)
             valid = (n > 0).nonzero().flatten().cpu()
+            if self.world > 1:  # class-sharded: rank r solves every world-th class, then all-reduce
+                valid = valid[valid % self.world == self.rank]
             self.empty_classes[s.name] = [self.classes[i] for i in (n <= 0).nonzero().flatten().tolist()]
             chunk = max(1, (256 << 20) // (8 * K * K))
             iters, converged, not_conv = [], [], []
@@ -496,6 +562,8 @@ class _Run:
                 converged.append(info.converged)
                 not_conv += [self.classes[int(r)] for r, ok in zip(rows.cpu(), info.converged) if not ok]
             it = torch.cat(iters) if iters else torch.zeros(0, dtype=torch.long)
+            if self.world > 1:
+                W, lam_c, it, converged, not_conv = self._gather_solution(W, lam_c, it, converged, not_conv)
             weights[s.name] = W.float()
             lams[s.name] = lam_c
             solver_meta[s.name] = {
@@ -505,3 +573,18 @@ class _Run:
                 "not_converged_classes": not_conv[:100],
             }
         return weights, lams, solver_meta
+
+    def _gather_solution(self, W, lam_c, it, converged, not_conv):
+        """Every rank holds its classes' rows; the sum over ranks is the whole solution."""
+        import torch.distributed as dist
+
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        W, lam_c = W.to(on), lam_c.to(on)
+        dist.all_reduce(W, op=dist.ReduceOp.SUM)
+        dist.all_reduce(lam_c, op=dist.ReduceOp.SUM)
+        parts = [None] * self.world
+        dist.all_gather_object(parts, (it.tolist(), [bool(c.all()) for c in converged], not_conv))
+        it = torch.tensor([i for p in parts for i in p[0]], dtype=torch.long)
+        converged = [torch.tensor([all(c for p in parts for c in p[1])])]
+        not_conv = sorted(c for p in parts for c in p[2])
+        return W.cpu(), lam_c.cpu(), it, converged, not_conv
