@@ -173,6 +173,7 @@ def _distill(args: argparse.Namespace) -> int:
         imp.save(args.out)
         print(f"wrote {args.out}: {imp}; {imp.meta['images_seen']} images, N={args.perturbations}")
     if started_here:
+        dist.barrier()  # no rank tears the group down while another (rank 0 saving) still uses it
         dist.destroy_process_group()
     return 0
 

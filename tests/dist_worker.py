@@ -32,6 +32,7 @@ def main():
                                progress=False, **TIGHT)
         torch.save({k: v for k, v in imp.weights.items()} | {"seen": imp.meta["images_seen"]},
                    out / f"rank{rank}.pt")
+        dist.barrier()  # nobody tears the group down while another rank still uses it
     except Exception as err:  # noqa: BLE001
         (out / f"rank{rank}.err").write_text(f"{type(err).__name__}: {err}")
         raise SystemExit(3)
