@@ -43,14 +43,14 @@ def _explain(args: argparse.Namespace) -> int:
 
     from . import Importance, baselines, explain, models, render
 
+    imp = Importance.load(args.importance)
     if args.methods is None:  # refined needs two layers
-        args.methods = "chip,refined,gradcam" if len(Importance.load(args.importance).layers) > 1 else "chip,gradcam"
+        args.methods = "chip,refined,gradcam" if len(imp.layers) > 1 else "chip,gradcam"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in EXPLAIN_METHODS]
     if bad or not methods:
         raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(EXPLAIN_METHODS)}")
     model, pre = models.load(args.model, args.weights)
-    imp = Importance.load(args.importance)
     layer = args.layer or explain_layers(model, imp)[-1]
     names = models.class_names_for(args.model) if ":" not in args.model else None
     paths = [Path(p) for p in args.images]

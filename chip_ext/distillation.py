@@ -298,8 +298,7 @@ class _Run:
         self.max_drop, self.score, self.seed, self.device = max_drop, score, seed, device
         self.batch_size, self.memory_budget = batch_size, memory_budget
         self.autocast_dtype, self.stages = autocast_dtype, stages
-        self.requested_classes = None if classes is None else [int(c) for c in classes]
-        self.classes: list[int] | None = self.requested_classes
+        self.classes: list[int] | None = None if classes is None else [int(c) for c in classes]
         self.num_outputs: int | None = None
         self.seen = 0
         self.complete = False
@@ -392,7 +391,6 @@ class _Run:
                     break
         finally:
             bar.close()
-        self.consumed = position
         if self.world > 1:
             return  # the emptiness check happens in reduce(), on the total over ranks
         if self.seen == 0:
@@ -444,8 +442,9 @@ class _Run:
                 f"{self.device}. Pass fewer classes= or fewer layers.")
         s.acc = ops.new_accumulators(C, K, self.device)
 
-    def _suffix_logits(self, s: _LayerState, A: Tensor, gates: Tensor) -> Tensor:
-        """Logits of the N gated networks of every image: [B, N, C_out], in memory-bounded chunks."""
+    def _suffix_logits(self, s: _LayerState, A: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits of the N gated networks of every image [B, N, C_out], in memory-bounded chunks, and
+        the pooled activations a = mean_hw(A) [B, K] (gate_pool's z of the ungated row 0)."""
         B, K, H, W = A.shape
         N = gates.shape[1]
         copies = max(1, self.memory_budget // max(1, K * H * W * A.element_size()))
@@ -456,11 +455,14 @@ class _Run:
         else:
             pieces = [(i, i + 1, n, min(N, n + copies)) for i in range(B) for n in range(0, N, copies)]
         result: Tensor | None = None
+        a = torch.empty(B, K, dtype=torch.float32, device=A.device)
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else None)
         for i0, i1, n0, n1 in pieces:
             with self.stages("gate_pool"):
-                gated, _ = ops.gate_pool(A[i0:i1], gates[i0:i1, n0:n1])
+                gated, z = ops.gate_pool(A[i0:i1], gates[i0:i1, n0:n1])
+                if n0 == 0:  # row 0 is the unperturbed network: z = mean_hw(A)
+                    a[i0:i1] = z[:, 0]
             with self.stages("suffix"):
                 if autocast is not None:
                     with autocast:
@@ -474,7 +476,7 @@ class _Run:
             if result is None:
                 result = torch.empty(B, N, logits.shape[1], dtype=torch.float32, device=logits.device)
             result[i0:i1, n0:n1] = logits.float().reshape(i1 - i0, n1 - n0, -1)
-        return result
+        return result, a
 
     def process(self, x: Tensor, indices: list[int]) -> None:
         """Adds the images x (global indices `indices`) to every layer's sums."""
@@ -496,7 +498,7 @@ class _Run:
                 gates = sample_gates(indices, self.N, K, seed=self.seed, layer=s.name,
                                      max_drop=self.max_drop).to(self.device)
                 h = proximity(gates, s.sigma)
-            logits = self._suffix_logits(s, A, gates)  # [B, N, C_out]
+            logits, a = self._suffix_logits(s, A, gates)  # [B, N, C_out], [B, K]
             self._check_finite(logits, f"the scores after perturbing layer {s.name!r}", indices)
             self._setup_classes(logits.shape[-1])
             self._allocate(s)
@@ -505,7 +507,6 @@ class _Run:
                 g = self.score(logits.reshape(B * self.N, -1)).reshape(B, self.N, -1)
                 g = g[..., self._class_index].float().contiguous()
                 self._check_finite(g, f"the target scores after perturbing layer {s.name!r}", indices)
-                a = A.float().mean(dim=(2, 3))
                 ops.gram_accumulate(*s.acc, a, gates, h, f.contiguous(), g)
 
     # ---------------------------------------------------------------- torch.distributed

@@ -19,7 +19,7 @@ from . import baselines
 from .data import LocalizationDataset, collate_localization
 from .explain import explain
 from .importance import Importance
-from .localization import DEFAULT_THRESHOLDS, box_correct, ilsvrc_metrics
+from .localization import DEFAULT_THRESHOLDS, box_correct_both, ilsvrc_metrics
 
 MapFn = Callable[[Tensor, Tensor], Tensor]  # (normalised images [B,3,H,W], classes [B]) -> maps [B,H,W]
 
@@ -67,7 +67,7 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_localization)
     top5s, labels_all, boxes_all = [], [], []
-    correct = {name: [] for name in methods}  # [N, T, 1] at IoU .5, largest contour
+    correct = {name: [] for name in methods}  # [N, T] at IoU .5, largest contour
     correct_v2 = {name: [] for name in methods}  # [N, T, 3] all contours, IoU .3/.5/.7
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -80,9 +80,9 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
             boxes_all += boxes
             for name, fn in methods.items():
                 maps = fn(x, labels).detach().float().cpu().clamp(0, 1)
-                correct[name].append(box_correct(maps, boxes, thresholds))
-                correct_v2[name].append(box_correct(maps, boxes, thresholds, iou_thresholds=(0.3, 0.5, 0.7),
-                                                    all_contours=True))
+                v1, v2 = box_correct_both(maps, boxes, thresholds)
+                correct[name].append(v1)
+                correct_v2[name].append(v2)
     finally:
         for m, training in modes.items():
             m.train(training)
@@ -96,7 +96,7 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
         "top5_error": 1 - float((top5 == labels[:, None]).any(1).float().mean()),
     }
     for name in methods:
-        c = np.concatenate(correct[name])[:, :, 0]  # [N, T]
+        c = np.concatenate(correct[name])  # [N, T]
         v2 = np.concatenate(correct_v2[name])  # [N, T, 3]
         t_cal = int(np.argmax(c[calib].mean(0))) if len(calib) else 0
         t_best = int(np.argmax(c[evals].mean(0)))

@@ -24,32 +24,39 @@ def forward_order(model: nn.Module, layers: Sequence[str]) -> list[str]:
     return sorted(layers, key=position.__getitem__)
 
 
-def _target_indices(target: TargetArg, importance: Importance, logits: Tensor) -> Tensor:
-    """Resolves class names to output indices, then to one class per image."""
+def _given_targets(target: TargetArg, importance: Importance, B: int, device) -> Tensor:
+    """A given target (index, name, or one per image) -> Tensor[B] of output indices. Membership in
+    the distilled classes is checked where the rows of W are looked up."""
     if isinstance(target, str) or (isinstance(target, (list, tuple)) and target and isinstance(target[0], str)):
         names = [target] if isinstance(target, str) else list(target)
         idx = [importance.classes[importance.row(n)] for n in names]
         target = idx[0] if isinstance(target, str) else idx
-    return resolve_target(target, logits)
+    if isinstance(target, int):
+        return torch.full((B,), target, dtype=torch.long, device=device)
+    t = torch.as_tensor(target, dtype=torch.long, device=device).flatten()
+    if t.numel() != B:
+        raise ValueError(f"target must give one class per image ({B}); got {t.numel()}")
+    return t
 
 
 def chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: str,
-              target: TargetArg = None) -> tuple[Tensor, Tensor, Tensor]:
+              target: TargetArg = None) -> tuple[Tensor, Tensor]:
     """ReLU(sum_k W[c, k] A_k) at `layer`, upsampled (bilinear) to the input size and min-max
-    normalised -> (maps Tensor[B, H, W] in [0, 1], target classes Tensor[B], logits Tensor[B, C])."""
+    normalised -> (maps Tensor[B, H, W] in [0, 1], target classes Tensor[B]). The rest of the model
+    runs only when the target is the top-1 prediction (target=None)."""
     check_images(images)
     if layer not in importance.weights:
         raise ValueError(f"layer {layer!r} is not in the importance (layers: {importance.layers})")
     prefix, suffix = cached_split(model, layer)
     with _Eval(model), torch.no_grad():
         A = prefix(images)
-        logits = suffix(A.clone())
+        logits = suffix(A.clone()) if target is None else None
     W_all = importance.weights[layer]
     if A.dim() != 4 or A.shape[1] != W_all.shape[1]:
         raise ValueError(f"layer {layer!r} of this model has {A.shape[1] if A.dim() > 1 else '?'} channels "
                          f"(output {list(A.shape)}) but the importance has K={W_all.shape[1]}; "
                          "was it distilled on another model?")
-    t = _target_indices(None if target is None else target, importance, logits)
+    t = resolve_target(None, logits) if target is None else _given_targets(target, importance, A.shape[0], A.device)
     try:
         rows = [importance.row(int(c)) for c in t.tolist()]
     except KeyError as err:
@@ -57,7 +64,7 @@ def chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: s
                          f"{'...' if len(importance.classes) > 20 else ''}. Pass target= one of them.") from None
     W = W_all[rows].to(device=A.device, dtype=torch.float32)
     maps = torch.relu(torch.einsum("bk,bkhw->bhw", W, A.float()))
-    return normalize_maps(maps, images.shape[-2:]), t, logits
+    return normalize_maps(maps, images.shape[-2:]), t
 
 
 def explain(model: nn.Module, images: Tensor, importance: Importance, *, method: str = "chip",
@@ -81,10 +88,10 @@ def explain(model: nn.Module, images: Tensor, importance: Importance, *, method:
             raise ValueError("method='refined' uses the importance's first and last layers; do not pass layer=")
         if len(layers) < 2:
             raise ValueError(f"method='refined' needs an importance with two layers or more; it has {layers}")
-        last, t, _ = chip_maps(model, images, importance, layers[-1], target)
-        first, _, _ = chip_maps(model, images, importance, layers[0], t)
+        last, t = chip_maps(model, images, importance, layers[-1], target)
+        first, _ = chip_maps(model, images, importance, layers[0], t)
         return first * last
-    maps, t, _ = chip_maps(model, images, importance, layer or layers[-1], target)
+    maps, t = chip_maps(model, images, importance, layer or layers[-1], target)
     if method == "guided_chip":
         return guided_backprop(model, images, t) * maps.unsqueeze(1)
     return maps

@@ -39,24 +39,35 @@ def _as_map(saliency) -> np.ndarray:
     return m
 
 
-def boxes_from_map(saliency, threshold: float, *, all_contours: bool = False) -> Boxes:
-    """Boxes [n, 4] (x0, y0, x1, y1) of the region(s) above `threshold` x max; the largest contour's
-    box only unless all_contours. No region: one box [0, 0, 0, 0]."""
+def _quantize(saliency) -> np.ndarray:
+    """A validated map as the uint8 image wsolevaluation thresholds."""
+    return (_as_map(saliency) * 255).astype(np.uint8)
+
+
+def _contour_boxes(img: np.ndarray, threshold: float) -> tuple[Boxes, Boxes]:
+    """One thresholding and contour search -> (the largest region's box [1, 4], every region's boxes
+    [n, 4]). No region: [0, 0, 0, 0] for both."""
     cv2 = _cv2()
-    m = _as_map(saliency)
-    H, W = m.shape
-    img = (m * 255).astype(np.uint8)
+    H, W = img.shape
     _, mask = cv2.threshold(img, int(threshold * img.max()), 255, cv2.THRESH_BINARY)
     contours = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
     if len(contours) == 0:
-        return np.zeros((1, 4), dtype=np.int64)
-    if not all_contours:
-        contours = [max(contours, key=cv2.contourArea)]
+        empty = np.zeros((1, 4), dtype=np.int64)
+        return empty, empty
     boxes = []
     for c in contours:
         x, y, w, h = cv2.boundingRect(c)
         boxes.append([x, y, min(x + w, W - 1), min(y + h, H - 1)])
-    return np.asarray(boxes, dtype=np.int64)
+    boxes = np.asarray(boxes, dtype=np.int64)
+    largest = max(range(len(contours)), key=lambda k: cv2.contourArea(contours[k]))
+    return boxes[largest:largest + 1], boxes
+
+
+def boxes_from_map(saliency, threshold: float, *, all_contours: bool = False) -> Boxes:
+    """Boxes [n, 4] (x0, y0, x1, y1) of the region(s) above `threshold` x max; the largest contour's
+    box only unless all_contours. No region: one box [0, 0, 0, 0]."""
+    largest, every = _contour_boxes(_quantize(saliency), threshold)
+    return every if all_contours else largest
 
 
 def box_from_map(saliency, threshold: float) -> tuple[int, int, int, int]:
@@ -79,20 +90,40 @@ def iou(boxes_a, boxes_b) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
+def box_correct_both(saliency_maps, gt_boxes: Sequence, thresholds=DEFAULT_THRESHOLDS,
+                     iou_thresholds_v2: Sequence[float] = (0.3, 0.5, 0.7)) -> tuple[np.ndarray, np.ndarray]:
+    """(correct [N, T]: the largest region's box at IoU >= 0.5 (MaxBoxAcc), correct_v2 [N, T, D]: any
+    region's box at each IoU of iou_thresholds_v2 (MaxBoxAccV2)), from one contour search per map and
+    threshold. saliency_maps: [N, H, W]; gt_boxes: per image, boxes [k, 4] in map pixels."""
+    if len(saliency_maps) != len(gt_boxes):
+        raise ValueError(f"{len(saliency_maps)} maps but {len(gt_boxes)} ground-truth box lists")
+    deltas = np.asarray(iou_thresholds_v2)
+    v1 = np.zeros((len(saliency_maps), len(thresholds)), dtype=bool)
+    v2 = np.zeros((len(saliency_maps), len(thresholds), len(deltas)), dtype=bool)
+    for i, (m, gt) in enumerate(zip(saliency_maps, gt_boxes)):
+        img = _quantize(m)
+        gt = np.asarray(gt).reshape(-1, 4)
+        for j, t in enumerate(thresholds):
+            largest, every = _contour_boxes(img, float(t))
+            v1[i, j] = iou(largest, gt).max() >= 0.5
+            v2[i, j] = iou(every, gt).max() >= deltas
+    return v1, v2
+
+
 def box_correct(saliency_maps, gt_boxes: Sequence, thresholds=DEFAULT_THRESHOLDS, *,
                 iou_thresholds: Sequence[float] = (0.5,), all_contours: bool = False) -> np.ndarray:
     """correct[i, t, d]: the box(es) of map i at threshold t reach IoU >= iou_thresholds[d] with a GT
     box of image i. saliency_maps: [N, H, W]; gt_boxes: per image, boxes [k, 4] in map pixels."""
-    maps = saliency_maps
-    if len(maps) != len(gt_boxes):
-        raise ValueError(f"{len(maps)} maps but {len(gt_boxes)} ground-truth box lists")
-    out = np.zeros((len(maps), len(thresholds), len(iou_thresholds)), dtype=bool)
+    if len(saliency_maps) != len(gt_boxes):
+        raise ValueError(f"{len(saliency_maps)} maps but {len(gt_boxes)} ground-truth box lists")
+    out = np.zeros((len(saliency_maps), len(thresholds), len(iou_thresholds)), dtype=bool)
     deltas = np.asarray(iou_thresholds)
-    for i, (m, gt) in enumerate(zip(maps, gt_boxes)):
+    for i, (m, gt) in enumerate(zip(saliency_maps, gt_boxes)):
+        img = _quantize(m)
         gt = np.asarray(gt).reshape(-1, 4)
         for j, t in enumerate(thresholds):
-            best = iou(boxes_from_map(m, float(t), all_contours=all_contours), gt).max()
-            out[i, j] = best >= deltas
+            largest, every = _contour_boxes(img, float(t))
+            out[i, j] = iou(every if all_contours else largest, gt).max() >= deltas
     return out
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torchvision
 
 import chip_ext
 from chip_ext._extension import _C
@@ -34,3 +35,10 @@ def pytest_report_header(config):
     info = chip_ext.build_info()
     return (f"chip_ext built with torch {info['torch_version']}, CUDA kernels: {info['with_cuda']}, "
             f"GPU visible: {info['gpu_visible']}")
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """torchvision ResNet-18 with fixed random weights, in eval mode (no download)."""
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None).eval()

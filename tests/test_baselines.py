@@ -24,12 +24,6 @@ def no_inplace(model):
 
 
 @pytest.fixture(scope="module")
-def resnet():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None).eval()
-
-
-@pytest.fixture(scope="module")
 def vgg():
     torch.manual_seed(0)
     return torchvision.models.vgg11(weights=None).eval()  # ReLU(inplace=True) everywhere

@@ -1,16 +1,14 @@
 """chip_ext.explain: CHIP, Refined CHIP and Guided CHIP maps."""
 import pytest
 import torch
-import torchvision
 
 import chip_ext
 from chip_ext import Importance, baselines as bl
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None).eval()
+def model(resnet):
+    return resnet
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +117,14 @@ def test_with_a_distilled_importance(model):
         m = chip_ext.explain(model, x, imp, method=method, target=[0, 1])
         assert m.shape == (2, 48, 48) and float(m.min()) >= 0 and float(m.max()) <= 1
     assert chip_ext.explain(model, x, imp, method="guided_chip", target=0).shape == (2, 3, 48, 48)
+
+
+def test_given_target_runs_only_the_prefix(model, importance):
+    """With the class given, no forward beyond the layer is needed (refined once ran two full passes)."""
+    calls = []
+    h = model.fc.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        chip_ext.explain(model, images(), importance, method="refined", target="seven")
+        assert calls == []
+    finally:
+        h.remove()

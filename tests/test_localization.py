@@ -96,3 +96,13 @@ def test_bad_maps():
         loc.box_from_map(np.full((4, 4), 2.0), 0.5)
     with pytest.raises(ValueError, match=r"must be \[H, W\]"):
         loc.box_from_map(np.zeros((2, 4, 4)), 0.5)
+
+
+def test_both_metrics_from_one_pass_agree_with_the_separate_ones():
+    rng = np.random.default_rng(0)
+    maps = [rng.random((16, 16)).astype(np.float32) for _ in range(3)]
+    gts = [np.array([[2, 2, 9, 9]]), np.array([[0, 0, 15, 15], [4, 4, 6, 6]]), np.array([[8, 0, 15, 7]])]
+    thr = np.array([0.0, 0.3, 0.6, 0.9])
+    v1, v2 = loc.box_correct_both(maps, gts, thr)
+    assert np.array_equal(v1, loc.box_correct(maps, gts, thr)[:, :, 0])
+    assert np.array_equal(v2, loc.box_correct(maps, gts, thr, iou_thresholds=(0.3, 0.5, 0.7), all_contours=True))
