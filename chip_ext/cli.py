@@ -146,6 +146,8 @@ def _distill(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
+    from datetime import timedelta
+
     started_here = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
         backend = "nccl" if (args.device or "").startswith("cuda") else "gloo"
@@ -154,18 +156,22 @@ def _distill(args: argparse.Namespace) -> int:
 
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(args.device)
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=args.dist_timeout))
         started_here = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model, pre = models.load(args.model, args.weights)
     dataset = data.ImageNetTrain(args.data, pre, per_class=args.per_class)
+    classes_in_data = dataset.classes
+    if world > 1:  # each rank decodes only the images it forwards
+        dataset = data.RankShard(dataset, rank, world)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    classes = dataset.classes if args.classes == "data" else None if args.classes == "all" else \
+    classes = classes_in_data if args.classes == "data" else None if args.classes == "all" else \
         [int(c) for c in args.classes.split(",")]
     names = models.class_names_for(args.model) if ":" not in args.model else None
     imp = distill(model, loader, [l.strip() for l in args.layers.split(",")], classes=classes,
                   num_perturbations=args.perturbations, lam_ratio=args.lam_ratio, seed=args.seed,
                   device=args.device, checkpoint=args.checkpoint, class_names=names,
+                  checkpoint_every=args.checkpoint_every, shard_accumulators=args.shard_accumulators,
                   progress=not args.quiet)
     imp.meta["data"] = str(args.data)
     imp.meta["model_spec"] = args.model
@@ -243,7 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--device", default=None)
     di.add_argument("--batch-size", type=int, default=16)
     di.add_argument("--workers", type=int, default=2)
-    di.add_argument("--checkpoint", default=None)
+    di.add_argument("--checkpoint", default=None,
+                    help="file of the running sums; the same command resumes (under torchrun: one file per rank, "
+                         "<checkpoint>.rank<r>of<world>.*)")
+    di.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints (300)")
+    di.add_argument("--shard-accumulators", action="store_true",
+                    help="under torchrun: each rank keeps the sums of 1/world of the classes (for large C*K^2)")
+    di.add_argument("--dist-timeout", type=float, default=1800.0,
+                    help="under torchrun: seconds a rank waits for the others before failing (1800)")
     di.add_argument("--quiet", action="store_true")
     di.set_defaults(func=_distill)
 

@@ -83,6 +83,33 @@ class ImageNetTrain(Dataset):
             return self.transform(img.convert("RGB")), label
 
 
+class RankShard(Dataset):
+    """A dataset as rank `rank` of `world` sees it under torch.distributed distillation: the items
+    whose index is rank mod world are decoded; every other item is a zero placeholder of the same
+    shape (distill never uses those: their rank forwards them). Lengths and order are unchanged,
+    so every rank's loader yields the same batches, as distill requires, while each rank decodes
+    only 1/world of the images. dataset[i] must be an image tensor or a tuple (image, ...)."""
+
+    def __init__(self, dataset: Dataset, rank: int, world: int):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world={world}); got {rank}")
+        self.dataset, self.rank, self.world = dataset, rank, world
+        self._template = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        if i % self.world == self.rank:
+            return self.dataset[i]
+        if self._template is None:  # one decode of an own item gives the shapes
+            own = self.rank if self.rank < len(self.dataset) else 0
+            item = self.dataset[own]
+            self._template = (torch.zeros_like(item) if isinstance(item, Tensor) else
+                              (torch.zeros_like(item[0]), *item[1:]))
+        return self._template
+
+
 @dataclass
 class LocSample:
     path: Path

@@ -90,6 +90,8 @@ def _free_bytes(device: torch.device) -> int | None:
 
 
 def _fmt_bytes(n: float) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
@@ -143,6 +145,7 @@ class _LayerState:
     def __init__(self, name: str, prefix: nn.Module, suffix: nn.Module):
         self.name, self.prefix, self.suffix = name, prefix, suffix
         self.acc: ops.Accumulators | None = None
+        self.rows: tuple[int, int] | None = None  # the classes [r0, r1) whose sums acc holds
         self.shape: list[int] | None = None  # [K, H, W] of the first batch
         self.sigma: float | None = None
 
@@ -159,7 +162,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
             memory_budget: int | None = None, autocast_dtype: torch.dtype | None = None,
             checkpoint_every: float = 300.0, max_iter: int = 1000, tol: float = 1e-7,
             class_names: Sequence[str] | None = None, max_images: int | None = None,
-            profile: bool = False) -> Importance:
+            profile: bool = False, shard_accumulators: bool = False) -> Importance:
     """Distils CHIP channel importances of `layers` of `model` over the images of `loader`.
 
     model: a CNN returning logits [B, C_out]; it is split at each layer with torch.fx.
@@ -182,6 +185,18 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         end; calling again with the same file resumes (and re-solves, if the pass had finished).
     autocast_dtype: e.g. torch.bfloat16 to run the suffix under autocast (GPU).
     max_images: stop after this many images. profile: synchronise the GPU for per-stage timings.
+
+    torch.distributed (initialised by the caller, e.g. under torchrun): rank r forwards the images
+    whose global index is r mod world_size (every rank iterates the same loader, in the same
+    order); the float64 sums are reduced and the Lasso is solved by class blocks across ranks;
+    every rank returns the same Importance, equal to the single-process one. With a checkpoint,
+    each rank writes `<checkpoint>.rank<r>of<world>.pos<images>` (the two newest kept, written at
+    the same loader position on every rank) and `.complete`; the same command resumes.
+    shard_accumulators: with torch.distributed, rank r keeps the sums of only its block of about
+    C/world classes and adds every rank's images to it (their per-image statistics a, h, f, g
+    and gates are all-gathered per batch: (K + N + C + N*C)*4 + N*K bytes per image). The sums
+    per rank drop by the factor world; use it when they (C*K(K+1)/2*8 bytes per layer, e.g.
+    16.8 GB for K=2048, C=1000) do not fit beside the model.
     Returns an Importance with W: Tensor[C, K] per layer.
     """
     # ---- arguments
@@ -234,11 +249,12 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     }
     rank, world = _dist_rank_world()
     if world > 1:
-        if checkpoint is not None:
-            raise NotImplementedError("checkpoint= is not supported with torch.distributed yet; run without "
-                                      "it, or single-process with a checkpoint")
+        dataset = getattr(loader, "dataset", None)
         _check_ranks_agree({**config, "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter,
-                            "tol": tol, "max_images": max_images})
+                            "tol": tol, "max_images": max_images, "batch_size": batch_size,
+                            "shard_accumulators": bool(shard_accumulators),
+                            "checkpoint": None if checkpoint is None else Path(checkpoint).name,
+                            "images_in_loader": len(dataset) if hasattr(dataset, "__len__") else None})
         progress = progress and rank == 0
     stages = _Stages(device, profile)
     modes = {m: m.training for m in model.modules()}
@@ -247,12 +263,13 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     try:
         with torch.no_grad():
             run = _Run(states, config, classes, num_perturbations, sigma, max_drop, score, seed,
-                       device, batch_size, memory_budget, autocast_dtype, stages, rank=rank, world=world)
+                       device, batch_size, memory_budget, autocast_dtype, stages, rank=rank, world=world,
+                       shard=shard_accumulators)
             resumed = run.resume(checkpoint) if checkpoint is not None else False
             if not run.complete:
                 run.stream(loader, progress, checkpoint, checkpoint_every, max_images)
                 if world > 1:
-                    run.reduce()
+                    run.finish()
                 if checkpoint is not None:
                     run.complete = True
                     run.save(checkpoint)
@@ -283,43 +300,104 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         "layer_shapes": {s.name: s.shape for s in states},
         "sigma_used": {s.name: s.sigma for s in states},
         "empty_classes": run.empty_classes, "solver": solver_meta, "resumed": resumed,
+        "resumed_at_image": run.resumed_at, "world_size": world, "shard_accumulators": run.shard,
         "timing_s": dict(stages.seconds), "device": str(device), "chip_ext_version": __version__,
     }
     return Importance(weights, chosen, class_names=names, meta=meta)
 
 
+def class_block(C: int, rank: int, world: int) -> tuple[int, int]:
+    """The classes [c0, c1) (positions in `classes`) that rank `rank` of `world` solves and, with
+    shard_accumulators, accumulates: contiguous blocks of nearly equal size."""
+    return C * rank // world, C * (rank + 1) // world
+
+
+def rank_checkpoint(path: Path, rank: int, world: int, key: int | str) -> Path:
+    """The file of rank `rank` of `world` at loader position `key` (an int) or "complete"."""
+    tail = "complete" if key == "complete" else f"pos{int(key)}"
+    return path.with_name(f"{path.name}.rank{rank}of{world}.{tail}")
+
+
+def list_rank_checkpoints(path: Path) -> dict[tuple[int, int], list[int | str]]:
+    """{(rank, world): [keys]} of the per-rank checkpoint files beside `path`."""
+    import re
+
+    pattern = re.compile(re.escape(path.name) + r"\.rank(\d+)of(\d+)\.(complete|pos(\d+))$")
+    found: dict[tuple[int, int], list[int | str]] = {}
+    if path.parent.is_dir():
+        for f in path.parent.iterdir():
+            m = pattern.match(f.name)
+            if m:
+                key = "complete" if m.group(3) == "complete" else int(m.group(4))
+                found.setdefault((int(m.group(1)), int(m.group(2))), []).append(key)
+    return found
+
+
+def choose_resume_point(keys_per_rank: Sequence[Sequence[int | str]]) -> int | str | None:
+    """Where every rank can resume from: "complete" when every rank has its finished file, else the
+    latest loader position that every rank saved (ranks keep two generations, so a rank killed while
+    saving still shares the previous one), else None (start over)."""
+    if all("complete" in keys for keys in keys_per_rank):
+        return "complete"
+    positions = [{k for k in keys if k != "complete"} for keys in keys_per_rank]
+    common = set.intersection(*positions) if positions else set()
+    return max(common) if common else None
+
+
 class _Run:
-    """The state of one distillation pass: accumulators, position, and the per-batch work."""
+    """The state of one distillation pass: accumulators, position, and the per-batch work.
+
+    With torch.distributed (world > 1), rank r forwards the images whose global index is r mod world.
+    Replicated accumulators (default): every rank sums all classes over its images; at the end the
+    sums of class block r are reduced onto rank r. Sharded (shard_accumulators): rank r keeps only
+    class block r and adds every rank's images to it, their per-image statistics all-gathered.
+    Either way rank r solves block r and the blocks are gathered, so every rank returns the same W.
+    """
 
     def __init__(self, states, config, classes, N, sigma, max_drop, score, seed, device, batch_size,
-                 memory_budget, autocast_dtype, stages, rank=0, world=1):
-        self.rank, self.world = rank, world
+                 memory_budget, autocast_dtype, stages, rank=0, world=1, shard=False):
+        self.rank, self.world, self.shard = rank, world, shard and world > 1
         self.states, self.config, self.N, self.sigma_arg = states, config, N, sigma
         self.max_drop, self.score, self.seed, self.device = max_drop, score, seed, device
         self.batch_size, self.memory_budget = batch_size, memory_budget
         self.autocast_dtype, self.stages = autocast_dtype, stages
         self.classes: list[int] | None = None if classes is None else [int(c) for c in classes]
         self.num_outputs: int | None = None
-        self.seen = 0
+        self.position = 0  # images consumed from the loader (all ranks together)
+        self.seen = 0  # images in this rank's sums; the total over ranks once complete
+        self.resumed_at = 0
         self.complete = False
         self.empty_classes: dict[str, list[int]] = {}
         self._class_index: Tensor | None = None
+        # NCCL collectives need CUDA tensors; gloo takes CPU ones
+        self.comm_device = device if world > 1 and _backend() == "nccl" else torch.device("cpu")
 
     # ---------------------------------------------------------------- checkpoints
 
-    def save(self, path) -> None:
-        atomic_save({
-            "format": CHECKPOINT_FORMAT, "version": 1, "config": self.config, "seen": self.seen,
-            "complete": self.complete, "classes": self.classes, "num_outputs": self.num_outputs,
-            "layers": {s.name: {"shape": s.shape, "sigma": s.sigma,
+    def _state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "version": 2, "config": self.config, "seen": self.seen,
+            "position": self.position, "complete": self.complete, "classes": self.classes,
+            "num_outputs": self.num_outputs, "world": self.world, "rank": self.rank,
+            "layers": {s.name: {"shape": s.shape, "sigma": s.sigma, "rows": s.rows,
                                 "acc": None if s.acc is None else [t.cpu() for t in s.acc]}
                        for s in self.states},
-        }, path)
+        }
 
-    def resume(self, path) -> bool:
+    def save(self, path) -> None:
         path = Path(path)
-        if not path.exists():
-            return False
+        if self.world == 1:
+            atomic_save(self._state(), path)
+            return
+        key = "complete" if self.complete else self.position
+        atomic_save(self._state(), rank_checkpoint(path, self.rank, self.world, key))
+        # keep the newest position file besides this one: a rank killed while saving still shares it
+        keys = list_rank_checkpoints(path).get((self.rank, self.world), [])
+        positions = sorted((k for k in keys if k != "complete"), reverse=True)
+        for k in positions[1:] if key == "complete" else positions[2:]:
+            rank_checkpoint(path, self.rank, self.world, k).unlink(missing_ok=True)
+
+    def _load(self, path: Path) -> None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001
@@ -332,15 +410,85 @@ class _Run:
                 f"checkpoint {path} was written by a different configuration; differing (checkpoint, now): "
                 f"{diff}. Use another checkpoint path or the same arguments and model.")
         self.seen, self.complete = int(state["seen"]), bool(state["complete"])
+        self.position = int(state.get("position", state["seen"]))  # version 1: one process, position = seen
+        self.resumed_at = self.position
         self.classes, self.num_outputs = state["classes"], state["num_outputs"]
         if self.classes is not None:
             self._class_index = torch.tensor(self.classes, device=self.device)
         for s in self.states:
             saved = state["layers"][s.name]
             s.shape, s.sigma = saved["shape"], saved["sigma"]
+            s.rows = tuple(saved["rows"]) if saved.get("rows") is not None else None
             if saved["acc"] is not None:
                 s.acc = ops.Accumulators(*(t.to(self.device) for t in saved["acc"]))
+                if s.rows is None:  # version 1
+                    s.rows = (0, s.acc.n.shape[0])
+
+    def _foreign_checkpoints(self, path: Path) -> str | None:
+        """Why the files at `path` cannot be resumed with this number of processes, or None."""
+        others = sorted({w for (_, w) in list_rank_checkpoints(path) if w != self.world})
+        if self.world == 1 and others:
+            return (f"{path} does not exist, but per-rank checkpoints of a run with {others[0]} processes "
+                    f"do ({path.name}.rank*of{others[0]}.*): resume with torchrun --nproc_per_node... "
+                    f"giving {others[0]} processes in all, or pass another checkpoint path")
+        if self.world > 1 and path.exists():
+            return (f"{path} is a single-process checkpoint; resume it without torch.distributed, or "
+                    f"pass another checkpoint path")
+        if self.world > 1 and others and not list_rank_checkpoints(path).get((self.rank, self.world)):
+            return (f"the checkpoints at {path} were written by {others} processes, not {self.world}; "
+                    f"resume with the same number of processes, or pass another checkpoint path")
+        return None
+
+    def resume(self, path) -> bool:
+        path = Path(path)
+        if self.world == 1:
+            problem = self._foreign_checkpoints(path)
+            if problem:
+                raise ValueError(problem)
+            if not path.exists():
+                return False
+            self._load(path)
+            return True
+        # every rank must take the same decision, and every rank must fail when one cannot go on
+        problem = self._foreign_checkpoints(path)
+        keys = list_rank_checkpoints(path).get((self.rank, self.world), [])
+        gathered = self._all_gather_object((keys, problem))
+        self._raise_if_any([p for _, p in gathered])
+        choice = choose_resume_point([k for k, _ in gathered])
+        if choice is None:
+            return False
+        problem = None
+        try:
+            self._load(rank_checkpoint(path, self.rank, self.world, choice))
+        except ValueError as err:
+            problem = str(err)
+        self._raise_if_any(self._all_gather_object(problem))
         return True
+
+    def _all_gather_object(self, obj) -> list:
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    @staticmethod
+    def _raise_if_any(problems: list) -> None:
+        bad = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+        if bad:
+            raise ValueError("; ".join(bad))
+
+    def _time_to_save(self, last_save: float, every: float) -> bool:
+        """Whether to save now; under torch.distributed all ranks decide together (a 1-int all-reduce),
+        so their files hold the same loader position."""
+        due = time.monotonic() - last_save >= every
+        if self.world == 1:
+            return due
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(due)], dtype=torch.int32, device=self.comm_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ---------------------------------------------------------------- streaming
 
@@ -353,12 +501,12 @@ class _Run:
             total = len(dataset)
         if max_images is not None:
             total = min(total, max_images) if total is not None else max_images
-        bar = tqdm(total=total, initial=min(self.seen, total or self.seen), unit="img",
+        bar = tqdm(total=total, initial=min(self.position, total or self.position), unit="img",
                    desc="distill", disable=not progress, dynamic_ncols=True)
-        skip = self.seen  # images already in the sums (resume)
+        skip = self.position  # images already in the sums (resume)
         position = 0  # images consumed from the loader
         last_save = time.monotonic()
-        t_start, imgs_start = time.perf_counter(), self.seen
+        t_start, imgs_start = time.perf_counter(), self.position
         try:
             for item_index, item in enumerate(loader):
                 x = images_of(item, item_index)
@@ -376,15 +524,20 @@ class _Run:
                     n = chunk.shape[0]
                     # with torch.distributed, rank r takes the images whose global index is r mod world
                     mine = [i for i in range(n) if (position + i) % self.world == self.rank]
-                    if mine:
-                        local = chunk if len(mine) == n else chunk[mine]
+                    local = chunk if len(mine) == n else chunk[mine]
+                    if self.shard:
+                        counts = [len(range((r - position) % self.world, n, self.world)) for r in range(self.world)]
+                        self.process_sharded(local if mine else None, [position + i for i in mine], counts)
+                    elif mine:
                         self.process(local, [position + i for i in mine])
                     position += n
+                    self.position = position
                     self.seen += len(mine)
                     bar.update(n)
                     rate = (position - imgs_start) / max(time.perf_counter() - t_start, 1e-9)
                     bar.set_postfix_str(f"{rate * self.N * len(self.states):.0f} perturbed nets/s")
-                if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
+                if checkpoint is not None and self.position > self.resumed_at \
+                        and self._time_to_save(last_save, checkpoint_every):
                     self.save(checkpoint)
                     last_save = time.monotonic()
                 if max_images is not None and position >= max_images:
@@ -392,7 +545,7 @@ class _Run:
         finally:
             bar.close()
         if self.world > 1:
-            return  # the emptiness check happens in reduce(), on the total over ranks
+            return  # the emptiness check happens in finish(), on the total over ranks
         if self.seen == 0:
             raise ValueError("the loader produced no images (empty loader, or all of them were "
                              "already in the checkpoint's sums)")
@@ -418,29 +571,34 @@ class _Run:
         elif num_outputs != self.num_outputs:
             raise ValueError(f"the model returned {num_outputs} outputs; it returned {self.num_outputs} before")
 
-    def _set_shape(self, s: _LayerState, A: Tensor) -> None:
-        K, H, W = A.shape[1:]
+    def _set_shape(self, s: _LayerState, shape: Sequence[int]) -> None:
+        K = shape[0]
         if s.shape is not None and s.shape[0] != K:
             raise ValueError(f"layer {s.name!r} now has K={K} channels; it had K={s.shape[0]} "
                              "(in an earlier batch or the checkpoint)")
         if s.shape is None:
-            s.shape = [K, H, W]
+            s.shape = list(shape)
         if s.sigma is None:
             s.sigma = float(self.sigma_arg) if self.sigma_arg is not None else default_sigma(K)
 
     def _allocate(self, s: _LayerState) -> None:
-        """Accumulators of a layer; checks first that they fit in the device's free memory."""
+        """Accumulators of a layer (all classes, or this rank's block when sharded); checks first that
+        they fit in the device's free memory."""
         if s.acc is not None:
             return
         C, K = len(self.classes), s.shape[0]
-        need = 8 * C * (packed_size(K) + K + 2)
+        s.rows = class_block(C, self.rank, self.world) if self.shard else (0, C)
+        rows = s.rows[1] - s.rows[0]
+        need = 8 * rows * (packed_size(K) + K + 2)
         free = _free_bytes(self.device)
         if free is not None and need > 0.8 * free:
+            hint = ("" if self.shard or self.world == 1 else
+                    f" With torch.distributed, shard_accumulators=True keeps 1/{self.world} of them per rank.")
             raise MemoryError(
-                f"the float64 accumulators of layer {s.name!r} need {_fmt_bytes(need)} for C={C} classes "
+                f"the float64 accumulators of layer {s.name!r} need {_fmt_bytes(need)} for C={rows} classes "
                 f"and K={K} channels (C*K(K+1)/2*8 bytes), but only {_fmt_bytes(free)} is free on "
-                f"{self.device}. Pass fewer classes= or fewer layers.")
-        s.acc = ops.new_accumulators(C, K, self.device)
+                f"{self.device}. Pass fewer classes= or fewer layers.{hint}")
+        s.acc = ops.new_accumulators(rows, K, self.device)
 
     def _suffix_logits(self, s: _LayerState, A: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
         """Logits of the N gated networks of every image [B, N, C_out], in memory-bounded chunks, and
@@ -478,75 +636,138 @@ class _Run:
             result[i0:i1, n0:n1] = logits.float().reshape(i1 - i0, n1 - n0, -1)
         return result, a
 
+    def _statistics(self, s: _LayerState, x: Tensor, indices: list[int]):
+        """One layer's per-image statistics of the images x: a [B, K], gates [B, N, K] bool,
+        h [B, N], f [B, C] and g [B, N, C] over the chosen classes."""
+        with self.stages("prefix"):
+            A = s.prefix(x)
+        if not isinstance(A, Tensor) or A.dim() != 4:
+            shape = list(A.shape) if isinstance(A, Tensor) else type(A).__name__
+            raise ValueError(f"layer {s.name!r} outputs {shape}; CHIP needs a convolutional feature "
+                             "map [B, K, H, W]")
+        if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            A = A.float()
+        self._check_finite(A, f"the activations of layer {s.name!r}", indices)
+        self._set_shape(s, A.shape[1:])
+        K = A.shape[1]
+        B = A.shape[0]
+        with self.stages("gates"):
+            gates = sample_gates(indices, self.N, K, seed=self.seed, layer=s.name,
+                                 max_drop=self.max_drop).to(self.device)
+            h = proximity(gates, s.sigma)
+        logits, a = self._suffix_logits(s, A, gates)  # [B, N, C_out], [B, K]
+        self._check_finite(logits, f"the scores after perturbing layer {s.name!r}", indices)
+        self._setup_classes(logits.shape[-1])
+        with self.stages("accumulate"):
+            f = torch.softmax(logits[:, 0], dim=-1)[:, self._class_index]  # loyalty: unperturbed probs
+            g = self.score(logits.reshape(B * self.N, -1)).reshape(B, self.N, -1)
+            g = g[..., self._class_index].float().contiguous()
+            self._check_finite(g, f"the target scores after perturbing layer {s.name!r}", indices)
+        return a, gates, h, f.contiguous(), g
+
     def process(self, x: Tensor, indices: list[int]) -> None:
         """Adds the images x (global indices `indices`) to every layer's sums."""
         x = x.to(self.device, non_blocking=True)
-        B = x.shape[0]
         for s in self.states:
-            with self.stages("prefix"):
-                A = s.prefix(x)
-            if not isinstance(A, Tensor) or A.dim() != 4:
-                shape = list(A.shape) if isinstance(A, Tensor) else type(A).__name__
-                raise ValueError(f"layer {s.name!r} outputs {shape}; CHIP needs a convolutional feature "
-                                 "map [B, K, H, W]")
-            if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                A = A.float()
-            self._check_finite(A, f"the activations of layer {s.name!r}", indices)
-            self._set_shape(s, A)
-            K = A.shape[1]
-            with self.stages("gates"):
-                gates = sample_gates(indices, self.N, K, seed=self.seed, layer=s.name,
-                                     max_drop=self.max_drop).to(self.device)
-                h = proximity(gates, s.sigma)
-            logits, a = self._suffix_logits(s, A, gates)  # [B, N, C_out], [B, K]
-            self._check_finite(logits, f"the scores after perturbing layer {s.name!r}", indices)
-            self._setup_classes(logits.shape[-1])
+            a, gates, h, f, g = self._statistics(s, x, indices)
             self._allocate(s)
             with self.stages("accumulate"):
-                f = torch.softmax(logits[:, 0], dim=-1)[:, self._class_index]  # loyalty: unperturbed probs
-                g = self.score(logits.reshape(B * self.N, -1)).reshape(B, self.N, -1)
-                g = g[..., self._class_index].float().contiguous()
-                self._check_finite(g, f"the target scores after perturbing layer {s.name!r}", indices)
-                ops.gram_accumulate(*s.acc, a, gates, h, f.contiguous(), g)
+                ops.gram_accumulate(*s.acc, a, gates, h, f, g)
+
+    def process_sharded(self, x: Tensor | None, indices: list[int], counts: list[int]) -> None:
+        """Sharded accumulators: this rank forwards its images x (None when it has none in this chunk),
+        every rank's per-image statistics are all-gathered, and this rank adds all of them to its
+        class block. counts[r]: images of rank r in this chunk (every rank calls this per chunk)."""
+        import torch.distributed as dist
+
+        if x is not None:
+            x = x.to(self.device, non_blocking=True)
+        for s in self.states:
+            stats = self._statistics(s, x, indices) if x is not None else None
+            if s.acc is None:  # first chunk: ranks without images learn K and C from the others
+                facts = self._all_gather_object(None if stats is None else (s.shape, self.num_outputs))
+                known = [f for f in facts if f is not None]
+                if any(f[0][0] != known[0][0][0] or f[1] != known[0][1] for f in known):
+                    raise ValueError(f"ranks see different shapes at layer {s.name!r}: (shape, outputs) per "
+                                     f"rank {facts}")
+                self._set_shape(s, known[0][0])
+                self._setup_classes(known[0][1])
+                self._allocate(s)
+            K, C, N, m = s.shape[0], len(self.classes), self.N, max(counts)
+            width = K + N + C + N * C  # a | h | f | g of one image, float32
+            with self.stages("exchange"):
+                floats = torch.zeros(m, width, dtype=torch.float32, device=self.device)
+                gates = torch.zeros(m, N, K, dtype=torch.uint8, device=self.device)
+                if stats is not None:
+                    a, gate, h, f, g = stats
+                    B = a.shape[0]
+                    floats[:B] = torch.cat([a, h, f, g.reshape(B, N * C)], dim=1)
+                    gates[:B] = gate
+                floats_all = [torch.empty_like(floats, device=self.comm_device) for _ in range(self.world)]
+                gates_all = [torch.empty_like(gates, device=self.comm_device) for _ in range(self.world)]
+                dist.all_gather(floats_all, floats.to(self.comm_device))
+                dist.all_gather(gates_all, gates.to(self.comm_device))
+                floats = torch.cat([t[:c] for t, c in zip(floats_all, counts)]).to(self.device)
+                gates = torch.cat([t[:c] for t, c in zip(gates_all, counts)]).to(self.device)
+            c0, c1 = s.rows
+            total = floats.shape[0]
+            a, h = floats[:, :K], floats[:, K:K + N]
+            f = floats[:, K + N + c0:K + N + c1]
+            g = floats[:, K + N + C:].reshape(total, N, C)[..., c0:c1]
+            with self.stages("accumulate"):
+                ops.gram_accumulate(*s.acc, a.contiguous(), gates, h.contiguous(), f.contiguous(),
+                                    g.contiguous())
 
     # ---------------------------------------------------------------- torch.distributed
 
-    def reduce(self) -> None:
-        """Sums every rank's float64 statistics (all-reduce); ranks that saw no image take the shapes
-        from the others. Fails on every rank when no rank saw an image."""
+    def finish(self) -> None:
+        """After the stream under torch.distributed: the total image count, and (replicated
+        accumulators) the sums of class block r reduced onto rank r. Fails on every rank when no rank
+        saw an image. Ranks that saw no image take the shapes from the others."""
         import torch.distributed as dist
 
-        facts = [None] * self.world
-        dist.all_gather_object(facts, {"seen": self.seen, "num_outputs": self.num_outputs,
-                                       "layers": {s.name: (s.shape, s.sigma) for s in self.states}})
+        facts = self._all_gather_object({"seen": self.seen, "num_outputs": self.num_outputs,
+                                         "layers": {s.name: (s.shape, s.sigma) for s in self.states}})
         total = sum(f["seen"] for f in facts)
         if total == 0:
             raise ValueError("the loader produced no images on any rank")
         donor = next(f for f in facts if f["seen"] > 0)
         if self.num_outputs is None:
             self._setup_classes(donor["num_outputs"])
+        C = len(self.classes)
         for s in self.states:
             if s.shape is None:
                 s.shape, s.sigma = donor["layers"][s.name]
             self._allocate(s)
-            for t in s.acc:
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            if self.shard:
+                continue  # every rank already holds its block's sums over all images
+            mine = class_block(C, self.rank, self.world)
+            for t_index, t in enumerate(s.acc):
+                for r in range(self.world):
+                    c0, c1 = class_block(C, r, self.world)
+                    part = t[c0:c1].to(self.comm_device)
+                    dist.reduce(part, dst=r, op=dist.ReduceOp.SUM)
+                    if r == self.rank:
+                        t[c0:c1] = part.to(t.device)
+            s.acc = ops.Accumulators(*(t[mine[0]:mine[1]].clone() for t in s.acc))
+            s.rows = mine
         self.seen = total
 
     # ---------------------------------------------------------------- solve
 
     def solve(self, lam, lam_ratio, rho, max_iter, tol):
+        """Solves the classes whose sums this rank holds (s.rows; all of them in one process) and,
+        under torch.distributed, gathers every rank's rows."""
         weights, lams, solver_meta = {}, {}, {}
         C = len(self.classes)
         for s in self.states:
             G, b, y, n = s.acc
             K = s.shape[0]
+            r0, _ = s.rows
             W = torch.zeros(C, K, dtype=torch.float64)
             lam_c = torch.zeros(C, dtype=torch.float64)
             valid = (n > 0).nonzero().flatten().cpu()
-            if self.world > 1:  # class-sharded: rank r solves every world-th class, then all-reduce
-                valid = valid[valid % self.world == self.rank]
-            self.empty_classes[s.name] = [self.classes[i] for i in (n <= 0).nonzero().flatten().tolist()]
+            empty = [self.classes[r0 + i] for i in (n <= 0).nonzero().flatten().tolist()]
             chunk = max(1, (256 << 20) // (8 * K * K))
             iters, converged, not_conv = [], [], []
             for c0 in range(0, len(valid), chunk):
@@ -557,35 +778,42 @@ class _Run:
                 lam_rows = (torch.full_like(nn_, float(lam)) if lam is not None
                             else lam_ratio * lambda_max(b_hat))
                 Wc, info = admm_lasso(G_hat, b_hat, lam_rows, rho=rho, max_iter=max_iter, tol=tol)
-                W[rows.cpu()] = Wc.cpu()
-                lam_c[rows.cpu()] = lam_rows.cpu()
+                W[rows.cpu() + r0] = Wc.cpu()
+                lam_c[rows.cpu() + r0] = lam_rows.cpu()
                 iters.append(info.iterations)
-                converged.append(info.converged)
-                not_conv += [self.classes[int(r)] for r, ok in zip(rows.cpu(), info.converged) if not ok]
+                converged.append(bool(info.converged.all()))
+                not_conv += [self.classes[r0 + int(r)] for r, ok in zip(rows.cpu(), info.converged) if not ok]
             it = torch.cat(iters) if iters else torch.zeros(0, dtype=torch.long)
             if self.world > 1:
-                W, lam_c, it, converged, not_conv = self._gather_solution(W, lam_c, it, converged, not_conv)
+                W, lam_c, it, converged, not_conv, empty = self._gather_solution(W, lam_c, it, converged,
+                                                                                 not_conv, empty)
             weights[s.name] = W.float()
             lams[s.name] = lam_c
+            self.empty_classes[s.name] = empty
             solver_meta[s.name] = {
                 "iterations_max": int(it.max()) if len(it) else 0,
                 "iterations_mean": float(it.float().mean()) if len(it) else 0.0,
-                "converged": bool(torch.cat(converged).all()) if converged else True,
+                "converged": all(converged),
                 "not_converged_classes": not_conv[:100],
             }
         return weights, lams, solver_meta
 
-    def _gather_solution(self, W, lam_c, it, converged, not_conv):
-        """Every rank holds its classes' rows; the sum over ranks is the whole solution."""
+    def _gather_solution(self, W, lam_c, it, converged, not_conv, empty):
+        """Every rank holds its classes' rows (zeros elsewhere); the sum over ranks is the whole."""
         import torch.distributed as dist
 
-        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        W, lam_c = W.to(on), lam_c.to(on)
+        W, lam_c = W.to(self.comm_device), lam_c.to(self.comm_device)
         dist.all_reduce(W, op=dist.ReduceOp.SUM)
         dist.all_reduce(lam_c, op=dist.ReduceOp.SUM)
-        parts = [None] * self.world
-        dist.all_gather_object(parts, (it.tolist(), [bool(c.all()) for c in converged], not_conv))
+        parts = self._all_gather_object((it.tolist(), converged, not_conv, empty))
         it = torch.tensor([i for p in parts for i in p[0]], dtype=torch.long)
-        converged = [torch.tensor([all(c for p in parts for c in p[1])])]
-        not_conv = sorted(c for p in parts for c in p[2])
-        return W.cpu(), lam_c.cpu(), it, converged, not_conv
+        converged = [all(c for p in parts for c in p[1])]
+        not_conv = [c for p in parts for c in p[2]]  # blocks in rank order: the classes' order
+        empty = [c for p in parts for c in p[3]]
+        return W.cpu(), lam_c.cpu(), it, converged, not_conv, empty
+
+
+def _backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None

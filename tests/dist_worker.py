@@ -1,8 +1,17 @@
 """One rank of a torch.distributed (gloo) distillation, started by tests/test_distributed.py.
 
-    python dist_worker.py RANK WORLD PORT OUT [num_perturbations] [n_images]
+    python dist_worker.py '{"rank": 0, "world": 2, "port": 1234, "out": "/tmp/x", ...}'
+
+Options (JSON): N (perturbations, 6), n_images (22), checkpoint (a path), shard (shard_accumulators),
+timeout (seconds of the process group, 60), batch (distill's batch_size), die_after (this rank SIGKILLs itself when the loader is
+asked for that item), idle (this rank joins the group but never calls distill; it waits for
+another rank's .err file, then leaves).
 """
+import json
+import os
+import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,24 +23,32 @@ import chip_ext  # noqa: E402
 from test_distillation import InvariantCNN, TIGHT  # noqa: E402
 
 
-def images(n):
+def images(n, die_after=None):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, 10, 10, generator=g)
-    return [x[i:i + 4] for i in range(0, n, 4)]
+    for item, i in enumerate(range(0, n, 4)):
+        if item == die_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash mid-run: no cleanup, no exception
+        yield x[i:i + 4]
 
 
 def main():
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-    N = int(sys.argv[5]) if len(sys.argv) > 5 else 6
-    n = int(sys.argv[6]) if len(sys.argv) > 6 else 22
+    opt = json.loads(sys.argv[1])
+    rank, world, out = opt["rank"], opt["world"], Path(opt["out"])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{opt['port']}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=opt.get("timeout", 60)))
     try:
-        imp = chip_ext.distill(InvariantCNN(), images(n), ["conv1", "relu2"], num_perturbations=N,
-                               progress=False, **TIGHT)
-        torch.save({k: v for k, v in imp.weights.items()} | {"seen": imp.meta["images_seen"]},
-                   out / f"rank{rank}.pt")
+        if opt.get("idle"):
+            while not any(out.glob("*.err")):
+                time.sleep(0.2)
+            return
+        imp = chip_ext.distill(InvariantCNN(), images(opt.get("n_images", 22), opt.get("die_after")),
+                               ["conv1", "relu2"], num_perturbations=opt.get("N", 6), progress=False,
+                               checkpoint=opt.get("checkpoint"), checkpoint_every=0,
+                               shard_accumulators=opt.get("shard", False), batch_size=opt.get("batch"),
+                               **TIGHT)
+        torch.save({k: v for k, v in imp.weights.items()} | {"meta": imp.meta}, out / f"rank{rank}.pt")
         dist.barrier()  # nobody tears the group down while another rank still uses it
     except Exception as err:  # noqa: BLE001
         (out / f"rank{rank}.err").write_text(f"{type(err).__name__}: {err}")

@@ -76,3 +76,31 @@ def test_shared_data_all_three_forms_agree():
         a = [data.resize_box(b, s.size, (224, 224)) for b in s.boxes]
         c = [data.resize_box(b, m.size, (224, 224)) for b in m.boxes]
         assert len(a) == len(c) and np.abs(np.array(a) - np.array(c)).max() <= 1
+
+
+def test_rank_shard_decodes_only_its_own_items():
+    from chip_ext.data import RankShard
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self):
+            self.decoded = []
+
+        def __len__(self):
+            return 7
+
+        def __getitem__(self, i):
+            self.decoded.append(i)
+            return torch.full((3, 2, 2), float(i + 1)), i
+
+    base = Counting()
+    shard = RankShard(base, rank=1, world=3)
+    items = [shard[i] for i in range(len(shard))]
+    assert len(shard) == 7
+    assert sorted(set(base.decoded)) == [1, 4]  # its own items only
+    for i, (x, label) in enumerate(items):
+        if i % 3 == 1:
+            assert label == i and torch.equal(x, torch.full((3, 2, 2), float(i + 1)))
+        else:
+            assert x.shape == (3, 2, 2) and not x.any()  # a placeholder distill never uses
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world=2\); got 2"):
+        RankShard(base, rank=2, world=2)

@@ -1,4 +1,6 @@
-"""distill under torch.distributed (gloo, CPU): several processes give the single-process W."""
+"""distill under torch.distributed (gloo, CPU): several processes give the single-process W, with
+replicated or class-sharded accumulators; killed runs resume; ranks that disagree or hang fail."""
+import json
 import socket
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 import chip_ext
+from chip_ext.distillation import choose_resume_point, class_block, list_rank_checkpoints
 from test_distillation import TIGHT, InvariantCNN
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
@@ -19,10 +22,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(world, out, Ns=None, n_images=22):
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), port, str(out),
-                               str((Ns or [6] * world)[r]), str(n_images)],
+def launch(world, out, per_rank=None, **opt):
+    """Starts `world` worker processes; per_rank: {rank: extra options}. Returns their exit codes."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(WORKER),
+                               json.dumps({"rank": r, "world": world, "port": port, "out": str(out), **opt,
+                                           **(per_rank or {}).get(r, {})})],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
     codes = []
@@ -30,10 +35,15 @@ def launch(world, out, Ns=None, n_images=22):
         try:
             p.communicate(timeout=240)
         except subprocess.TimeoutExpired:
-            p.kill()
+            for q in procs:
+                q.kill()
             pytest.fail("a rank hung")
         codes.append(p.returncode)
     return codes
+
+
+def errors(out):
+    return {p.name: p.read_text() for p in Path(out).glob("*.err")}
 
 
 def single(n_images=22, N=6):
@@ -43,23 +53,104 @@ def single(n_images=22, N=6):
                             num_perturbations=N, progress=False, **TIGHT)
 
 
-@pytest.mark.parametrize("world", [2, 3])  # 22 images: not divisible by 3, uneven tail batch of 2
-def test_ranks_give_the_single_process_result(world, tmp_path):
-    assert launch(world, tmp_path) == [0] * world, [p.read_text() for p in tmp_path.glob("*.err")]
-    ref = single()
+def assert_ranks_equal_single(out, world, ref):
     for r in range(world):
-        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
-        assert got["seen"] == 22  # every image once, over all ranks
+        got = torch.load(Path(out) / f"rank{r}.pt", weights_only=False)
+        assert got["meta"]["images_seen"] == 22  # every image once, over all ranks
+        assert got["meta"]["empty_classes"] == ref.meta["empty_classes"]
         for layer in ("conv1", "relu2"):
             torch.testing.assert_close(got[layer].double(), ref.weights[layer].double(), rtol=0, atol=1e-10)
+    return got["meta"]
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return single()
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+@pytest.mark.parametrize("world", [2, 3])  # 22 images: not divisible by 3, uneven tail batch of 2
+def test_ranks_give_the_single_process_result(world, shard, tmp_path, ref):
+    assert launch(world, tmp_path, shard=shard) == [0] * world, errors(tmp_path)
+    meta = assert_ranks_equal_single(tmp_path, world, ref)
+    assert meta["world_size"] == world and meta["shard_accumulators"] == shard
+
+
+def test_sharded_ranks_without_images_in_a_step(tmp_path, ref):
+    """One image per step and 3 ranks: in every step two ranks forward nothing (in the first, they
+    learn K and C from the third) yet still add the others' images to their class blocks."""
+    assert launch(3, tmp_path, shard=True, batch=1) == [0] * 3, errors(tmp_path)
+    assert_ranks_equal_single(tmp_path, 3, ref)
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+def test_a_killed_rank_resumes_to_the_same_weights(shard, tmp_path, ref):
+    ck = tmp_path / "ck" / "run.ckpt"
+    # rank 1 SIGKILLs itself when asked for the 4th batch; every batch was checkpointed (position 12)
+    codes = launch(2, tmp_path, per_rank={1: {"die_after": 3}}, checkpoint=str(ck), shard=shard, timeout=30)
+    assert codes[1] == -9 and codes[0] == 3, (codes, errors(tmp_path))
+    saved = list_rank_checkpoints(ck)
+    assert 12 in saved[(0, 2)] and 12 in saved[(1, 2)], saved
+    assert not any("complete" in keys for keys in saved.values())
+    for f in tmp_path.glob("*.err"):
+        f.unlink()
+    assert launch(2, tmp_path, checkpoint=str(ck), shard=shard) == [0, 0], errors(tmp_path)  # the same command
+    meta = assert_ranks_equal_single(tmp_path, 2, ref)
+    assert meta["resumed"] and meta["resumed_at_image"] == 12
+    saved = list_rank_checkpoints(ck)
+    assert all("complete" in keys and len(keys) == 2 for keys in saved.values()), saved  # + the newest position
+    # a finished run re-solves from its files without reading the loader
+    assert launch(2, tmp_path, checkpoint=str(ck), shard=shard, n_images=0) == [0, 0], errors(tmp_path)
+    assert_ranks_equal_single(tmp_path, 2, ref)
+
+
+def test_resume_point_is_shared_by_every_rank():
+    assert choose_resume_point([[8, 12], [8, 12]]) == 12
+    assert choose_resume_point([[12, 16], [8, 12]]) == 12  # rank 1 was killed while writing position 16
+    assert choose_resume_point([["complete", 20], [16, 20]]) == 20  # rank 1 died before its final file
+    assert choose_resume_point([["complete", 20], ["complete", 20]]) == "complete"
+    assert choose_resume_point([[4], []]) is None  # a rank without files: start over
+    assert [class_block(10, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert [class_block(2, r, 3) for r in range(3)] == [(0, 0), (0, 1), (1, 2)]
+
+
+def test_checkpoints_of_another_process_count_are_refused(tmp_path):
+    ck = tmp_path / "run.ckpt"
+    (tmp_path / "run.ckpt.rank0of3.pos8").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"per-rank checkpoints of a run with 3 processes"):
+        single_with_checkpoint(ck)
+    assert launch(2, tmp_path, checkpoint=str(ck)) == [3, 3]
+    for r in range(2):
+        assert "written by [3] processes, not 2" in errors(tmp_path)[f"rank{r}.err"]
+
+
+def test_single_process_checkpoint_is_refused_under_distributed(tmp_path):
+    ck = tmp_path / "run.ckpt"
+    single_with_checkpoint(ck)
+    assert launch(2, tmp_path, checkpoint=str(ck)) == [3, 3]
+    for r in range(2):
+        assert "is a single-process checkpoint" in errors(tmp_path)[f"rank{r}.err"]
+
+
+def single_with_checkpoint(ck):
+    x = torch.randn(4, 3, 10, 10)
+    return chip_ext.distill(InvariantCNN(), [x], "conv1", num_perturbations=3, progress=False, checkpoint=ck)
 
 
 def test_mismatched_ranks_fail_fast_on_every_rank(tmp_path):
-    codes = launch(2, tmp_path, Ns=[6, 7])
+    codes = launch(2, tmp_path, per_rank={0: {"N": 6}, 1: {"N": 7}})
     assert codes == [3, 3]
     for r in range(2):
-        msg = (tmp_path / f"rank{r}.err").read_text()
+        msg = errors(tmp_path)[f"rank{r}.err"]
         assert "ranks disagree on ['num_perturbations']" in msg and "rank 1: [7]" in msg
+
+
+def test_a_rank_that_never_comes_times_out_instead_of_hanging(tmp_path):
+    """Rank 1 joins the group but never calls distill: rank 0 fails at the group's timeout (5 s)."""
+    codes = launch(2, tmp_path, per_rank={1: {"idle": True}}, timeout=5)
+    assert codes == [3, 0]
+    assert "timed out" in errors(tmp_path)["rank0.err"].lower() or \
+        "timeout" in errors(tmp_path)["rank0.err"].lower(), errors(tmp_path)
 
 
 def test_torchrun_cli_equals_single_process(tmp_path):
@@ -83,11 +174,14 @@ def test_torchrun_cli_equals_single_process(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", "-m", "chip_ext", *common, "--out", str(tmp_path / "two.pt")],
+                        f"--master_port={free_port()}", "-m", "chip_ext", *common, "--out", str(tmp_path / "two.pt"),
+                        "--shard-accumulators", "--checkpoint", str(tmp_path / "two.ckpt"), "--dist-timeout", "120"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines()
                                         if any(k in l for k in ("Error", "error", "what()", "terminate", "Signal")))[-4000:]
     one, two = chip_ext.Importance.load(tmp_path / "one.pt"), chip_ext.Importance.load(tmp_path / "two.pt")
     assert one.classes == two.classes == [0, 217] and two.meta["images_seen"] == 10
+    assert two.meta["world_size"] == 2 and two.meta["shard_accumulators"]
+    assert sorted(list_rank_checkpoints(tmp_path / "two.ckpt")) == [(0, 2), (1, 2)]
     # float32 network, batches composed differently per rank: equal up to float32 rounding
     torch.testing.assert_close(two.weights["1"], one.weights["1"], rtol=1e-4, atol=1e-5)
