@@ -57,7 +57,7 @@ def naive_distill(model, layer, images, N, classes, seed, device, batch):
                 h2.remove()
                 A = feats["A"]
                 K = A.shape[1]
-                gates = sample_gates(range(i0, i0 + B), N, K, seed=seed, layer=layer).to(device)
+                gates = sample_gates(range(i0, i0 + B), N, K, seed=seed, layer=layer, device=device)
                 h = proximity(gates, (K / 4) ** 0.5)
                 logits = []
                 for n in range(N):

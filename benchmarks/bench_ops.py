@@ -170,6 +170,20 @@ def bench_gram(device, B, N, K, C, repeat, use_compile) -> dict:
             "rel_error_vs_float64": errors, "impls": rows}
 
 
+# ------------------------------------------------------------------------------------ gates
+
+
+def bench_gates(device, B, N, K, repeat) -> dict:
+    """sample_gates on the device (the gate stream is hashed there): the cost per image, which
+    must stay far below the suffix's cost per image for the GPU to be the bottleneck."""
+    from chip_ext.gates import sample_gates
+
+    t = timeit(lambda: sample_gates(range(1000, 1000 + B), N, K, seed=0, layer="layer4", device=device),
+               device, repeat)
+    t["ms_per_image"] = t["median_s"] / B * 1e3
+    return {"op": "sample_gates", "shape": dict(B=B, N=N, K=K), "impls": {"chip_ext.sample_gates": t}}
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -198,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  gate_pool {dtype} done", flush=True)
     results.append(bench_gram(device, Bg, 100, 512, 1000, repeat, not args.no_compile))
     print("  gram_accumulate done", flush=True)
+    for K in (512, 2048):
+        results.append(bench_gates(device, 64 if gpu else 8, 100, K, repeat))
+    print("  sample_gates done", flush=True)
 
     record = {
         "benchmark": "bench_ops",

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .gates import default_sigma, proximity, sample_gates
+from .gates import GATE_STREAM, default_sigma, proximity, sample_gates
 from .importance import Importance, atomic_save
 from .packing import packed_size, unpack_triu
 from .solver import admm_lasso, lambda_max
@@ -246,6 +246,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         "layers": layer_list, "classes": None if classes is None else [int(c) for c in classes],
         "num_perturbations": num_perturbations, "sigma": sigma, "max_drop": max_drop,
         "target": _target_name(target), "seed": int(seed), "model": model_fingerprint(model),
+        "gates": GATE_STREAM,
     }
     rank, world = _dist_rank_world()
     if world > 1:
@@ -369,6 +370,7 @@ class _Run:
         self.complete = False
         self.empty_classes: dict[str, list[int]] = {}
         self._class_index: Tensor | None = None
+        self._checks: list[tuple[Tensor, str, list[int]]] = []
         # NCCL collectives need CUDA tensors; gloo takes CPU ones
         self.comm_device = device if world > 1 and _backend() == "nccl" else torch.device("cpu")
 
@@ -551,11 +553,19 @@ class _Run:
                              "already in the checkpoint's sums)")
 
     def _check_finite(self, t: Tensor, what: str, indices: list[int]) -> None:
-        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise FloatingPointError(f"NaN or Inf in {what} for image {indices[i]} (global index "
-                                     "in the loader's order)")
+        """Queues a NaN/Inf check of t: Tensor[B, ...] (one flag per image, no device sync);
+        _raise_nonfinite() tests every queued check with one sync per batch."""
+        self._checks.append((~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1), what, indices))
+
+    def _raise_nonfinite(self) -> None:
+        checks, self._checks = self._checks, []
+        if not checks or not bool(torch.stack([bad.any() for bad, _, _ in checks]).any()):
+            return
+        for bad, what, indices in checks:  # the first failing check, in the order they were made
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise FloatingPointError(f"NaN or Inf in {what} for image {indices[i]} (global index "
+                                         "in the loader's order); the run stops (a checkpoint holds the sums before this batch)")
 
     def _setup_classes(self, num_outputs: int) -> None:
         if self.num_outputs is None:
@@ -653,7 +663,7 @@ class _Run:
         B = A.shape[0]
         with self.stages("gates"):
             gates = sample_gates(indices, self.N, K, seed=self.seed, layer=s.name,
-                                 max_drop=self.max_drop).to(self.device)
+                                 max_drop=self.max_drop, device=self.device)
             h = proximity(gates, s.sigma)
         logits, a = self._suffix_logits(s, A, gates)  # [B, N, C_out], [B, K]
         self._check_finite(logits, f"the scores after perturbing layer {s.name!r}", indices)
@@ -673,6 +683,7 @@ class _Run:
             self._allocate(s)
             with self.stages("accumulate"):
                 ops.gram_accumulate(*s.acc, a, gates, h, f, g)
+        self._raise_nonfinite()  # one device sync per batch
 
     def process_sharded(self, x: Tensor | None, indices: list[int], counts: list[int]) -> None:
         """Sharded accumulators: this rank forwards its images x (None when it has none in this chunk),
@@ -717,6 +728,7 @@ class _Run:
             with self.stages("accumulate"):
                 ops.gram_accumulate(*s.acc, a.contiguous(), gates, h.contiguous(), f.contiguous(),
                                     g.contiguous())
+        self._raise_nonfinite()
 
     # ---------------------------------------------------------------- torch.distributed
 
