@@ -153,35 +153,78 @@ def test_a_rank_that_never_comes_times_out_instead_of_hanging(tmp_path):
         "timeout" in errors(tmp_path)["rank0.err"].lower(), errors(tmp_path)
 
 
-def test_torchrun_cli_equals_single_process(tmp_path):
-    """`torchrun --nproc_per_node=2 -m chip_ext distill` on an ImageFolder gives the 1-process file."""
+def image_folder(root):
     import numpy as np
     from PIL import Image
 
     for wnid in ("n01440764", "n02102040"):
-        (tmp_path / "train" / wnid).mkdir(parents=True)
+        (root / "train" / wnid).mkdir(parents=True)
         for i in range(5):
             rng = np.random.default_rng(hash((wnid, i)) % 2**32)
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "train" / wnid / f"{i}.png")
-    (tmp_path / "m.py").write_text(
-        "import torch\nfrom torch import nn\nfrom chip_ext.models import Preprocess\n"
-        "def build():\n    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
-        " nn.Linear(6, 1000)), Preprocess(size=32, resize=36)\n")
-    common = ["distill", "--model", f"{tmp_path / 'm.py'}:build", "--data", str(tmp_path / "train"),
-              "--layers", "1", "--perturbations", "5", "--batch-size", "3", "--workers", "0", "--quiet"]
-    r = subprocess.run([sys.executable, "-m", "chip_ext", *common, "--out", str(tmp_path / "one.pt")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", "-m", "chip_ext", *common, "--out", str(tmp_path / "two.pt"),
-                        "--shard-accumulators", "--checkpoint", str(tmp_path / "two.ckpt"), "--dist-timeout", "120"],
-                       capture_output=True, text=True, timeout=300)
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "train" / wnid / f"{i}.png")
+    return root / "train"
+
+
+MODEL_FILE = """import os, signal, torch
+from torch import nn
+from chip_ext.models import Preprocess
+
+class CrashOnce:
+    \"\"\"The image transform; rank 1 SIGKILLs itself at its 4th image in torchrun's first attempt.\"\"\"
+    def __init__(self):
+        self.pre, self.calls = Preprocess(size=32, resize=36), 0
+    def __call__(self, image):
+        self.calls += 1
+        if (os.environ.get("CRASH") and os.environ.get("RANK") == "1"
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and self.calls == 4):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.pre(image)
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(6, 1000)), CrashOnce()
+"""
+
+
+def cli_distill(tmp_path, out, torchrun=None, env=None, extra=()):
+    import os
+
+    if not (tmp_path / "m.py").exists():
+        (tmp_path / "m.py").write_text(MODEL_FILE)
+        image_folder(tmp_path)
+    args = ["distill", "--model", f"{tmp_path / 'm.py'}:build", "--data", str(tmp_path / "train"),
+            "--layers", "1", "--perturbations", "5", "--batch-size", "3", "--workers", "0", "--quiet",
+            "--out", str(out), *extra]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--master_port={free_port()}", *torchrun]
+                if torchrun else [sys.executable])
+    r = subprocess.run([*launcher, "-m", "chip_ext", *args], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
     assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines()
                                         if any(k in l for k in ("Error", "error", "what()", "terminate", "Signal")))[-4000:]
-    one, two = chip_ext.Importance.load(tmp_path / "one.pt"), chip_ext.Importance.load(tmp_path / "two.pt")
+    return chip_ext.Importance.load(out), r.stderr
+
+
+def test_torchrun_cli_equals_single_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m chip_ext distill` on an ImageFolder gives the 1-process file."""
+    one, _ = cli_distill(tmp_path, tmp_path / "one.pt")
+    two, _ = cli_distill(tmp_path, tmp_path / "two.pt", torchrun=["--nproc_per_node=2"])
     assert one.classes == two.classes == [0, 217] and two.meta["images_seen"] == 10
-    assert two.meta["world_size"] == 2 and two.meta["shard_accumulators"]
-    assert sorted(list_rank_checkpoints(tmp_path / "two.ckpt")) == [(0, 2), (1, 2)]
+    assert two.meta["world_size"] == 2 and not two.meta["resumed"]
     # float32 network, batches composed differently per rank: equal up to float32 rounding
+    torch.testing.assert_close(two.weights["1"], one.weights["1"], rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes(tmp_path):
+    """torchrun --max-restarts=1 with --checkpoint: rank 1 is SIGKILLed mid-run in the first attempt;
+    torchrun restarts both workers, which resume from the checkpoints, with sharded sums."""
+    one, _ = cli_distill(tmp_path, tmp_path / "one.pt")
+    ck = tmp_path / "two.ckpt"
+    two, log = cli_distill(tmp_path, tmp_path / "two.pt", env={"CRASH": "1"},
+                           torchrun=["--nproc_per_node=2", "--max-restarts=1"],
+                           extra=["--checkpoint", str(ck), "--checkpoint-every", "0", "--shard-accumulators",
+                                  "--dist-timeout", "60"])
+    assert "Signals.SIGKILL" in log or "SIGKILL" in log or "exitcode: -9" in log, log[-3000:]
+    assert two.meta["resumed"] and two.meta["resumed_at_image"] == 3 and two.meta["images_seen"] == 10
+    assert two.meta["shard_accumulators"] and sorted(list_rank_checkpoints(ck)) == [(0, 2), (1, 2)]
     torch.testing.assert_close(two.weights["1"], one.weights["1"], rtol=1e-4, atol=1e-5)
