@@ -205,22 +205,30 @@ def cli_distill(tmp_path, out, torchrun=None, env=None, extra=()):
     return chip_ext.Importance.load(out), r.stderr
 
 
-def test_torchrun_cli_equals_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def cli_one(tmp_path_factory):
+    """The folder, the model file and the single-process `chip-ext distill` result, made once."""
+    root = tmp_path_factory.mktemp("cli")
+    one, _ = cli_distill(root, root / "one.pt")
+    return root, one
+
+
+def test_torchrun_cli_equals_single_process(cli_one, tmp_path):
     """`torchrun --nproc_per_node=2 -m chip_ext distill` on an ImageFolder gives the 1-process file."""
-    one, _ = cli_distill(tmp_path, tmp_path / "one.pt")
-    two, _ = cli_distill(tmp_path, tmp_path / "two.pt", torchrun=["--nproc_per_node=2"])
+    root, one = cli_one
+    two, _ = cli_distill(root, tmp_path / "two.pt", torchrun=["--nproc_per_node=2"])
     assert one.classes == two.classes == [0, 217] and two.meta["images_seen"] == 10
     assert two.meta["world_size"] == 2 and not two.meta["resumed"]
     # float32 network, batches composed differently per rank: equal up to float32 rounding
     torch.testing.assert_close(two.weights["1"], one.weights["1"], rtol=1e-4, atol=1e-5)
 
 
-def test_torchrun_restarts_a_killed_worker_and_resumes(tmp_path):
+def test_torchrun_restarts_a_killed_worker_and_resumes(cli_one, tmp_path):
     """torchrun --max-restarts=1 with --checkpoint: rank 1 is SIGKILLed mid-run in the first attempt;
     torchrun restarts both workers, which resume from the checkpoints, with sharded sums."""
-    one, _ = cli_distill(tmp_path, tmp_path / "one.pt")
+    root, one = cli_one
     ck = tmp_path / "two.ckpt"
-    two, log = cli_distill(tmp_path, tmp_path / "two.pt", env={"CRASH": "1"},
+    two, log = cli_distill(root, tmp_path / "two.pt", env={"CRASH": "1"},
                            torchrun=["--nproc_per_node=2", "--max-restarts=1"],
                            extra=["--checkpoint", str(ck), "--checkpoint-every", "0", "--shard-accumulators",
                                   "--dist-timeout", "60"])
