@@ -238,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         if r["op"] == "gate_pool":
             shape += f",{r['dtype'].replace('torch.', '')}"
         for impl, t in r["impls"].items():
-            rate = f"{t['GB_per_s']:.1f} GB/s" if "GB_per_s" in t else f"{t['GFLOP_per_s']:.1f} GFLOP/s"
+            rate = (f"{t['GB_per_s']:.1f} GB/s" if "GB_per_s" in t else
+                    f"{t['GFLOP_per_s']:.1f} GFLOP/s" if "GFLOP_per_s" in t else f"{t['ms_per_image']:.2f} ms/img")
             print(f"{r['op']:<16} {shape:<34} {impl:<38} {t['median_s'] * 1e3:>10.2f} {rate:>14} "
-                  f"{t['speedup_of_chip_ext']:>6.1f}x")
+                  f"{t.get('speedup_of_chip_ext', 1.0):>6.1f}x")
     print(f"\nwrote {out}")
     return 0
 

@@ -249,6 +249,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         "gates": GATE_STREAM,
     }
     rank, world = _dist_rank_world()
+    config["shard_accumulators"] = bool(shard_accumulators) and world > 1  # what the checkpoint sums mean
     if world > 1:
         dataset = getattr(loader, "dataset", None)
         _check_ranks_agree({**config, "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter,

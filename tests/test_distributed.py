@@ -104,6 +104,15 @@ def test_a_killed_rank_resumes_to_the_same_weights(shard, tmp_path, ref):
     assert_ranks_equal_single(tmp_path, 2, ref)
 
 
+def test_checkpoints_of_the_other_accumulator_mode_are_refused(tmp_path):
+    ck = tmp_path / "run.ckpt"
+    assert launch(2, tmp_path, checkpoint=str(ck)) == [0, 0], errors(tmp_path)  # replicated, finished
+    assert launch(2, tmp_path, checkpoint=str(ck), shard=True) == [3, 3]
+    for r in range(2):
+        msg = errors(tmp_path)[f"rank{r}.err"]
+        assert "written by a different configuration" in msg and "'shard_accumulators': (False, True)" in msg, msg
+
+
 def test_resume_point_is_shared_by_every_rank():
     assert choose_resume_point([[8, 12], [8, 12]]) == 12
     assert choose_resume_point([[12, 16], [8, 12]]) == 12  # rank 1 was killed while writing position 16
