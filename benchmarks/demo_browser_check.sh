@@ -4,6 +4,7 @@
 set -euo pipefail
 DIR="$(cd "${1:-demo_out}" && pwd)"
 SHOT="${2:-docs/demo_index.png}"
+case "$SHOT" in /*) ;; *) SHOT="$(pwd)/$SHOT" ;; esac
 BROWSER="$(command -v chromium || command -v chromium-browser || true)"
 [ -n "$BROWSER" ] || { echo "chromium not found (Debian: apt-get install chromium)"; exit 2; }
 FLAGS=(--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking
@@ -13,5 +14,7 @@ IMAGES="$(grep -o 'data-images="[0-9]*"' <<<"$DOM" | grep -o '[0-9]*' || true)"
 BROKEN="$(grep -o 'data-broken-images="[0-9]*"' <<<"$DOM" | grep -o '[0-9]*' || true)"
 echo "images: ${IMAGES:-?}, broken: ${BROKEN:-?}"
 [ -n "$IMAGES" ] && [ "$IMAGES" -gt 0 ] && [ "$BROKEN" = "0" ] || { echo "FAIL: the page did not render all its images"; exit 1; }
-"$BROWSER" "${FLAGS[@]}" --window-size=1100,2400 --screenshot="$(pwd)/$SHOT" "file://$DIR/index.html" 2>/dev/null
+rm -f "$SHOT"
+"$BROWSER" "${FLAGS[@]}" --window-size=1100,2400 --screenshot="$SHOT" "file://$DIR/index.html" 2>/dev/null
+[ -s "$SHOT" ] || { echo "FAIL: no screenshot was written to $SHOT"; exit 1; }
 echo "screenshot: $SHOT"
