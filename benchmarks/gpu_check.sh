@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One script for a lent H100/H200 (see README "Performance"): builds chip_ext there, runs the CUDA
-# tests and bench_ops, measures the copy/matmul ceilings, and prints a short table last.
+# tests, measures the copy/matmul ceilings, then bench_ops, bench_solver and bench_distill, and prints
+# the goals against the measurements last (benchmarks/gpu_summary.py).
 # Results go to $OUT (the device tool brings them back) or benchmarks/results/.
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -45,6 +46,13 @@ PYEOF
 step "bench_ops"
 $PY benchmarks/bench_ops.py --out "$OUT_DIR/bench_ops_gpu.json" | tee "$OUT_DIR/gpu_bench.txt" | tail -15
 
+step "bench_solver (C=1000, K=512, float64, tol 1e-7)"
+$PY benchmarks/bench_solver.py --device cuda --naive-classes 200 --sklearn-classes 5 \
+    --out "$OUT_DIR/bench_solver_gpu.json" | tee "$OUT_DIR/gpu_solver.txt" | tail -5
+
 step "bench_distill (224x224, N=100, C=1000, fp32 and bf16 autocast)"
-$PY benchmarks/bench_distill.py --size 224 --perturbations 100 --classes 1000 --images 64 --batch 16 \
-    --out "$OUT_DIR/bench_distill_gpu.json" | tee "$OUT_DIR/gpu_distill.txt" | tail -8
+$PY benchmarks/bench_distill.py --models vgg16,vgg16_conv1_2,resnet50 --size 224 --perturbations 100 \
+    --classes 1000 --images 64 --batch 16 \
+    --out "$OUT_DIR/bench_distill_gpu.json" | tee "$OUT_DIR/gpu_distill.txt" | tail -12
+
+$PY benchmarks/gpu_summary.py "$OUT_DIR" | tee "$OUT_DIR/gpu_summary.txt"

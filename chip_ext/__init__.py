@@ -4,7 +4,7 @@ Kernels (CPU and CUDA): `gate_pool` (channel gating fused with global average po
 `gram_accumulate` (class-weighted Gram accumulation in float64). See README.md.
 """
 from ._extension import build_info
-from . import baselines
+from . import baselines, distributed
 from .distillation import distill
 from .explain import explain
 from .importance import Importance
@@ -18,6 +18,7 @@ __all__ = [
     "Importance",
     "baselines",
     "distill",
+    "distributed",
     "explain",
     "GatePoolOutput",
     "build_info",

@@ -140,23 +140,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from . import data, distill, models
-
-    import os
-
     import torch.distributed as dist
 
-    from datetime import timedelta
+    from . import data, distill, distributed, models
 
     started_here = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
+    if distributed.launched() and not dist.is_initialized():  # under torchrun
         backend = "nccl" if (args.device or "").startswith("cuda") else "gloo"
+        device = distributed.init_process_group(backend, timeout_s=args.dist_timeout)
         if backend == "nccl":
-            import torch
-
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group(backend, timeout=timedelta(seconds=args.dist_timeout))
+            args.device = str(device)
         started_here = True
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model, pre = models.load(args.model, args.weights)

@@ -22,6 +22,23 @@ def free_port():
         return s.getsockname()[1]
 
 
+def run_group(argv, env=None, timeout=180):
+    """subprocess.run in its own session; on timeout the whole group (torchrun's workers too) is
+    killed, so a hung worker holding the pipes cannot hang the test."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{argv[:4]}... did not finish in {timeout} s; its stderr ends with:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def launch(world, out, per_rank=None, **opt):
     """Starts `world` worker processes; per_rank: {rank: extra options}. Returns their exit codes."""
     port = free_port()
@@ -207,8 +224,7 @@ def cli_distill(tmp_path, out, torchrun=None, env=None, extra=()):
             "--out", str(out), *extra]
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--master_port={free_port()}", *torchrun]
                 if torchrun else [sys.executable])
-    r = subprocess.run([*launcher, "-m", "chip_ext", *args], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **(env or {})})
+    r = run_group([*launcher, "-m", "chip_ext", *args], env={**os.environ, **(env or {})})
     assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines()
                                         if any(k in l for k in ("Error", "error", "what()", "terminate", "Signal")))[-4000:]
     return chip_ext.Importance.load(out), r.stderr
@@ -245,3 +261,23 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(cli_one, tmp_path):
     assert two.meta["resumed"] and two.meta["resumed_at_image"] == 3 and two.meta["images_seen"] == 10
     assert two.meta["shard_accumulators"] and sorted(list_rank_checkpoints(ck)) == [(0, 2), (1, 2)]
     torch.testing.assert_close(two.weights["1"], one.weights["1"], rtol=1e-4, atol=1e-5)
+
+
+def test_init_process_group_explains_what_is_missing(monkeypatch):
+    from chip_ext import distributed
+
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert not distributed.launched()
+    with pytest.raises(RuntimeError, match=r"env:// variables \['MASTER_ADDR', 'MASTER_PORT', 'RANK', "
+                                           r"'WORLD_SIZE'\] are not set: start the processes with torchrun"):
+        distributed.init_process_group("gloo")
+    with pytest.raises(ValueError, match="timeout_s must be > 0; got 0"):
+        distributed.init_process_group("gloo", timeout_s=0)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.launched()
+    with pytest.raises(ValueError, match="backend must be 'nccl', 'gloo' or None; got 'mpi'"):
+        distributed.init_process_group("mpi")

@@ -47,6 +47,25 @@ def test_matches_sklearn(ratio):
         assert np.all(ref[np.abs(W[c].numpy()) > 1e-6] != 0)
 
 
+@pytest.mark.parametrize("scale", [1e-5, 1e-3, 1e3])
+def test_matches_sklearn_at_any_scale_of_the_targets(scale):
+    """CHIP's targets are probabilities, ~1/C for C=1000 classes, so W is small: the stopping rule
+    must be relative to the problem's scale, not absolute (it was: 7% error at scale 1e-4)."""
+    problems, G, b = weighted_problems(C=3, K=12, seed=4)
+    lam = 0.1 * lambda_max(b * scale)
+    W, info = admm_lasso(G, b * scale, lam)
+    assert bool(info.converged.all()), info.iterations
+    for c, (X, y, sw) in enumerate(problems):
+        ref = sklearn_lasso(X, y * scale, sw, float(lam[c]))
+        assert rel_err(W[c].numpy(), ref) < 1e-5, (scale, c)
+    # the solution scales with b (and lambda): w(s b, s lam) = s w(b, lam)
+    W1, _ = admm_lasso(G, b, lam / scale)
+    assert rel_err((W / scale).numpy(), W1.numpy()) < 1e-6
+    # and inversely with G
+    W2, _ = admm_lasso(G * scale, b, lam / scale)
+    assert rel_err((W2 * scale).numpy(), W1.numpy()) < 1e-6
+
+
 def test_lambda_zero_is_weighted_least_squares():
     problems, G, b = weighted_problems(C=3, K=10, seed=2)
     W, info = admm_lasso(G, b, 0.0)
