@@ -106,6 +106,10 @@ def main() -> int:
     iters = info.iterations
     print(f"  admm_lasso (cached factor): {t_admm:.2f} s, iterations mean {iters.float().mean():.1f} "
           f"max {int(iters.max())}, converged {bool(info.converged.all())}", flush=True)
+    (W_plain, info_plain), t_plain = timed(lambda: admm_lasso(G, b, lam, tol=args.tol, relaxation=1.0), device)
+    it_plain = info_plain.iterations
+    print(f"  admm_lasso without over-relaxation: {t_plain:.2f} s, iterations mean "
+          f"{it_plain.float().mean():.1f} max {int(it_plain.max())}", flush=True)
 
     # no cached factor: as many iterations as the cached version needed at most, on a subset
     n_naive = min(C, args.naive_classes)
@@ -139,7 +143,11 @@ def main() -> int:
                    "tol": args.tol, "lam": "0.1 lambda_max per class", "dtype": "float64"},
         "admm_lasso_cached_factor": {"seconds": t_admm, "iterations_mean": float(iters.float().mean()),
                                      "iterations_max": int(iters.max()),
-                                     "converged": bool(info.converged.all())},
+                                     "converged": bool(info.converged.all()), "relaxation": 1.7},
+        "admm_lasso_no_relaxation": {"seconds": t_plain, "iterations_mean": float(it_plain.float().mean()),
+                                     "iterations_max": int(it_plain.max()),
+                                     "max_abs_diff_vs_relaxed": float((W_plain - W).abs().max()),
+                                     "max_abs_W": float(W.abs().max())},
         "admm_resolve_each_iteration": {"classes_timed": n_naive, "iterations": it_naive, "seconds": t_naive,
                                         "seconds_all_classes_extrapolated": t_naive_all,
                                         "max_abs_diff_vs_cached": float((W_naive - W[:n_naive]).abs().max())},

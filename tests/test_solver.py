@@ -137,3 +137,13 @@ def test_bad_shapes():
         admm_lasso(torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(2, 3), 0.1)
     with pytest.raises(ValueError, match=r"b must be \[C, K\] = \[2, 3\] to match G; got \[2, 4\]"):
         admm_lasso(torch.eye(3, dtype=torch.float64).expand(2, 3, 3), torch.zeros(2, 4), 0.1)
+
+
+def test_over_relaxation_changes_the_path_not_the_solution():
+    problems, G, b = weighted_problems(C=3, K=12, seed=5)
+    lam = 0.1 * lambda_max(b)
+    W1, i1 = admm_lasso(G, b, lam, relaxation=1.0)
+    W2, i2 = admm_lasso(G, b, lam, relaxation=1.7)
+    assert rel_err(W2.numpy(), W1.numpy()) < 1e-5
+    with pytest.raises(ValueError, match=r"relaxation must be in \(0, 2\); got 2.0"):
+        admm_lasso(G, b, lam, relaxation=2.0)
