@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -275,6 +276,13 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
                 if checkpoint is not None:
                     run.complete = True
                     run.save(checkpoint)
+            for st in states:
+                if run.seen * num_perturbations < st.shape[0]:
+                    warnings.warn(
+                        f"layer {st.name!r}: {run.seen} images x N={num_perturbations} = "
+                        f"{run.seen * num_perturbations} gated samples for K={st.shape[0]} channels: the Lasso is "
+                        "underdetermined (W is not unique) and ADMM may stop at max_iter; distil more images",
+                        stacklevel=2)
             with stages("solve"):
                 weights, lams, solver_meta = run.solve(lam, lam_ratio, rho, max_iter, tol)
     finally:

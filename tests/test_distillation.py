@@ -305,3 +305,10 @@ def test_unclean_cut_lists_valid_ones():
 
     with pytest.raises(SplitError, match=r"cannot cut Skip cleanly at 'b': a computed before it is used after it.*Clean cut points near it: 'a'"):
         chip_ext.distill(Skip(), batches(1), "b", progress=False)
+
+
+def test_fewer_samples_than_channels_warns():
+    x = torch.randn(2, 3, 10, 10)
+    with pytest.warns(UserWarning, match=r"layer 'conv1': 2 images x N=3 = 6 gated samples for K=8 channels: "
+                                         r"the Lasso is underdetermined"):
+        chip_ext.distill(InvariantCNN(), [x], "conv1", num_perturbations=3, progress=False)
