@@ -23,7 +23,7 @@ from . import ops
 from .gates import GATE_STREAM, default_sigma, proximity, sample_gates
 from .importance import Importance, atomic_save
 from .packing import packed_size, unpack_triu
-from .solver import admm_lasso, lambda_max
+from .solver import admm_lasso, lambda_max, working_bytes
 from .split import split
 
 DEFAULT_LAM_RATIO = 0.1
@@ -789,7 +789,7 @@ class _Run:
             lam_c = torch.zeros(C, dtype=torch.float64)
             valid = (n > 0).nonzero().flatten().cpu()
             empty = [self.classes[r0 + i] for i in (n <= 0).nonzero().flatten().tolist()]
-            chunk = max(1, (256 << 20) // (8 * K * K))
+            chunk = max(1, working_bytes(G.device) // (3 * 8 * K * K))  # Ĝ, its factor and a temporary
             iters, converged, not_conv = [], [], []
             for c0 in range(0, len(valid), chunk):
                 rows = valid[c0:c0 + chunk].to(G.device)
