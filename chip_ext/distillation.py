@@ -255,7 +255,6 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         dataset = getattr(loader, "dataset", None)
         _check_ranks_agree({**config, "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter,
                             "tol": tol, "max_images": max_images, "batch_size": batch_size,
-                            "shard_accumulators": bool(shard_accumulators),
                             "checkpoint": None if checkpoint is None else Path(checkpoint).name,
                             "images_in_loader": len(dataset) if hasattr(dataset, "__len__") else None})
         progress = progress and rank == 0
@@ -435,9 +434,10 @@ class _Run:
                 if s.rows is None:  # version 1
                     s.rows = (0, s.acc.n.shape[0])
 
-    def _foreign_checkpoints(self, path: Path) -> str | None:
-        """Why the files at `path` cannot be resumed with this number of processes, or None."""
-        others = sorted({w for (_, w) in list_rank_checkpoints(path) if w != self.world})
+    def _foreign_checkpoints(self, path: Path, found: dict) -> str | None:
+        """Why the files at `path` (rank files `found` by list_rank_checkpoints) cannot be resumed
+        with this number of processes, or None."""
+        others = sorted({w for (_, w) in found if w != self.world})
         if self.world == 1 and others:
             return (f"{path} does not exist, but per-rank checkpoints of a run with {others[0]} processes "
                     f"do ({path.name}.rank*of{others[0]}.*): resume with torchrun --nproc_per_node... "
@@ -445,15 +445,16 @@ class _Run:
         if self.world > 1 and path.exists():
             return (f"{path} is a single-process checkpoint; resume it without torch.distributed, or "
                     f"pass another checkpoint path")
-        if self.world > 1 and others and not list_rank_checkpoints(path).get((self.rank, self.world)):
+        if self.world > 1 and others and not found.get((self.rank, self.world)):
             return (f"the checkpoints at {path} were written by {others} processes, not {self.world}; "
                     f"resume with the same number of processes, or pass another checkpoint path")
         return None
 
     def resume(self, path) -> bool:
         path = Path(path)
+        found = list_rank_checkpoints(path)
         if self.world == 1:
-            problem = self._foreign_checkpoints(path)
+            problem = self._foreign_checkpoints(path, found)
             if problem:
                 raise ValueError(problem)
             if not path.exists():
@@ -461,8 +462,8 @@ class _Run:
             self._load(path)
             return True
         # every rank must take the same decision, and every rank must fail when one cannot go on
-        problem = self._foreign_checkpoints(path)
-        keys = list_rank_checkpoints(path).get((self.rank, self.world), [])
+        problem = self._foreign_checkpoints(path, found)
+        keys = found.get((self.rank, self.world), [])
         gathered = self._all_gather_object((keys, problem))
         self._raise_if_any([p for _, p in gathered])
         choice = choose_resume_point([k for k, _ in gathered])
@@ -763,13 +764,14 @@ class _Run:
             if self.shard:
                 continue  # every rank already holds its block's sums over all images
             mine = class_block(C, self.rank, self.world)
-            for t_index, t in enumerate(s.acc):
+            for t in s.acc:
                 for r in range(self.world):
                     c0, c1 = class_block(C, r, self.world)
-                    part = t[c0:c1].to(self.comm_device)
-                    dist.reduce(part, dst=r, op=dist.ReduceOp.SUM)
-                    if r == self.rank:
-                        t[c0:c1] = part.to(t.device)
+                    part = t[c0:c1]
+                    buf = part.to(self.comm_device)  # part itself when already there
+                    dist.reduce(buf, dst=r, op=dist.ReduceOp.SUM)
+                    if r == self.rank and buf is not part:
+                        part.copy_(buf)
             s.acc = ops.Accumulators(*(t[mine[0]:mine[1]].clone() for t in s.acc))
             s.rows = mine
         self.seen = total

@@ -78,8 +78,8 @@ def sample_gates(indices: Sequence[int] | Tensor, num_perturbations: int, K: int
     seeds = [image_seed(seed, layer, i) for i in idx]
     words = torch.tensor([[s & _M32 for s in seeds], [(s >> 32) & _M32 for s in seeds]], dtype=torch.int64)
     if device.type == "cuda":  # pinned + non_blocking: the upload does not wait for queued GPU work
-        words = words.pin_memory().to(device, non_blocking=True)
-    lo, hi = words.to(device)
+        words = words.pin_memory()
+    lo, hi = words.to(device, non_blocking=True)
     n = mix32(torch.arange(1, N, dtype=torch.int64, device=device))
     row = mix32(mix32(lo[:, None] ^ n[None, :]) ^ hi[:, None])  # [B, N-1]
     r = mix32(row ^ 0x9E3779B9).to(torch.float64) * (max_drop / 2.0**32)
