@@ -47,7 +47,7 @@ step "bench_ops"
 $PY benchmarks/bench_ops.py --out "$OUT_DIR/bench_ops_gpu.json" | tee "$OUT_DIR/gpu_bench.txt" | tail -15
 
 step "bench_solver (C=1000, K=512, float64, tol 1e-7)"
-$PY benchmarks/bench_solver.py --device cuda --naive-classes 200 --sklearn-classes 5 \
+$PY benchmarks/bench_solver.py --device cuda --naive-classes 200 --sklearn-classes 5 --skip-real \
     --out "$OUT_DIR/bench_solver_gpu.json" | tee "$OUT_DIR/gpu_solver.txt" | tail -5
 
 step "bench_distill (224x224, N=100, C=1000, fp32 and bf16 autocast)"

@@ -165,6 +165,7 @@ def _distill(args: argparse.Namespace) -> int:
                   num_perturbations=args.perturbations, lam_ratio=args.lam_ratio, seed=args.seed,
                   device=args.device, checkpoint=args.checkpoint, class_names=names,
                   checkpoint_every=args.checkpoint_every, shard_accumulators=args.shard_accumulators,
+                  fit_intercept=args.fit_intercept, positive=args.positive, max_iter=args.max_iter, tol=args.tol,
                   progress=not args.quiet)
     imp.meta["data"] = str(args.data)
     imp.meta["model_spec"] = args.model
@@ -238,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--per-class", type=int, default=None, help="images per class (default: all)")
     di.add_argument("--perturbations", type=int, default=100)
     di.add_argument("--lam-ratio", type=float, default=None)
+    di.add_argument("--fit-intercept", action="store_true",
+                    help="an unpenalised intercept per class in the Lasso (scikit-learn's fit_intercept)")
+    di.add_argument("--positive", action="store_true", help="non-negative channel weights (scikit-learn's positive)")
+    di.add_argument("--max-iter", type=int, default=1000, help="ADMM iterations per class at most (1000)")
+    di.add_argument("--tol", type=float, default=1e-7, help="ADMM relative tolerance (1e-7)")
     di.add_argument("--seed", type=int, default=0)
     di.add_argument("--device", default=None)
     di.add_argument("--batch-size", type=int, default=16)

@@ -22,12 +22,14 @@ from torch import Tensor, nn
 from . import ops
 from .gates import GATE_STREAM, default_sigma, proximity, sample_gates
 from .importance import Importance, atomic_save
-from .packing import packed_size, unpack_triu
+from .packing import unpack_triu
 from .solver import admm_lasso, lambda_max, working_bytes
 from .split import split
 
 DEFAULT_LAM_RATIO = 0.1
 CHECKPOINT_FORMAT = "chip_ext.distill.checkpoint"
+# 3: the first moments Σ f h z and Σ f h g (for fit_intercept) join the sums. 1-2 lack them.
+CHECKPOINT_VERSION = 3
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -163,7 +165,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
             memory_budget: int | None = None, autocast_dtype: torch.dtype | None = None,
             checkpoint_every: float = 300.0, max_iter: int = 1000, tol: float = 1e-7,
             class_names: Sequence[str] | None = None, max_images: int | None = None,
-            profile: bool = False, shard_accumulators: bool = False) -> Importance:
+            profile: bool = False, shard_accumulators: bool = False, fit_intercept: bool = False,
+            positive: bool = False) -> Importance:
     """Distils CHIP channel importances of `layers` of `model` over the images of `loader`.
 
     model: a CNN returning logits [B, C_out]; it is split at each layer with torch.fx.
@@ -173,7 +176,12 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     classes: the model outputs to explain (default: all). num_perturbations: N gated networks per
         image, the unperturbed one included. sigma: proximity width (default sqrt(K/4)).
     lam: λ on the normalised objective (absolute); lam_ratio: λ as a fraction of each class's λ_max
-        (give at most one; default lam_ratio=0.1). rho: ADMM penalty (default: trace(Ĝ_c)/K).
+        (give at most one; default lam_ratio=0.1). rho: the starting ADMM penalty (default:
+        trace(Ĝ_c)/K; adapted during the solve). max_iter, tol: the solver's (`admm_lasso`).
+    fit_intercept: an unpenalised intercept per class (scikit-learn's convention), so the baseline
+        score is not absorbed by channels with a large mean; the intercepts are in
+        `Importance.intercepts`. positive: non-negative weights (scikit-learn's positive=True).
+        Both only change the solve: a finished checkpoint re-solves with other values, no new pass.
     target: "prob" (softmax, the paper's), "logit", or a callable mapping logits [M, C_out] to
         scores [M, C_out]. The loyalty weights f are always the unperturbed probabilities.
     seed: keys the gates together with each image's global index, so W does not depend on
@@ -218,6 +226,9 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         raise ValueError(f"lam must be >= 0; got {lam}")
     if lam_ratio is not None and not lam_ratio >= 0:
         raise ValueError(f"lam_ratio must be >= 0; got {lam_ratio}")
+    for flag, value in (("fit_intercept", fit_intercept), ("positive", positive)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False; got {value!r}")
     if lam is None and lam_ratio is None:
         lam_ratio = DEFAULT_LAM_RATIO
     if batch_size is not None and batch_size < 1:
@@ -254,7 +265,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     if world > 1:
         dataset = getattr(loader, "dataset", None)
         _check_ranks_agree({**config, "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter,
-                            "tol": tol, "max_images": max_images, "batch_size": batch_size,
+                            "tol": tol, "fit_intercept": fit_intercept, "positive": positive,
+                            "max_images": max_images, "batch_size": batch_size,
                             "checkpoint": None if checkpoint is None else Path(checkpoint).name,
                             "images_in_loader": len(dataset) if hasattr(dataset, "__len__") else None})
         progress = progress and rank == 0
@@ -283,7 +295,11 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
                         "underdetermined (W is not unique) and ADMM may stop at max_iter; distil more images",
                         stacklevel=2)
             with stages("solve"):
-                weights, lams, solver_meta = run.solve(lam, lam_ratio, rho, max_iter, tol)
+                weights, intercepts, lams, solver_meta = run.solve(lam, lam_ratio, rho, max_iter, tol,
+                                                                   fit_intercept, positive)
+            for st in states:
+                if solver_meta[st.name]["message"]:
+                    warnings.warn(solver_meta[st.name]["message"], UserWarning, stacklevel=2)
     finally:
         model.to(model_device)
         for m, training in modes.items():
@@ -305,6 +321,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     meta = {
         **config,
         "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter, "tol": tol,
+        "fit_intercept": fit_intercept, "positive": positive,
         "lam_per_class": lams, "images_seen": run.seen, "perturbations_per_image": num_perturbations,
         "layer_shapes": {s.name: s.shape for s in states},
         "sigma_used": {s.name: s.sigma for s in states},
@@ -312,7 +329,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         "resumed_at_image": run.resumed_at, "world_size": world, "shard_accumulators": run.shard,
         "timing_s": dict(stages.seconds), "device": str(device), "chip_ext_version": __version__,
     }
-    return Importance(weights, chosen, class_names=names, meta=meta)
+    return Importance(weights, chosen, class_names=names, meta=meta,
+                      intercepts=intercepts if fit_intercept else None)
 
 
 def class_block(C: int, rank: int, world: int) -> tuple[int, int]:
@@ -386,7 +404,7 @@ class _Run:
 
     def _state(self) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT, "version": 2, "config": self.config, "seen": self.seen,
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config, "seen": self.seen,
             "position": self.position, "complete": self.complete, "classes": self.classes,
             "num_outputs": self.num_outputs, "world": self.world, "rank": self.rank,
             "layers": {s.name: {"shape": s.shape, "sigma": s.sigma, "rows": s.rows,
@@ -414,13 +432,20 @@ class _Run:
             raise ValueError(f"checkpoint {path} cannot be read (corrupt or not a chip_ext checkpoint): {err}") from err
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a chip_ext distillation checkpoint")
+        version = state.get("version", 1)
+        if version != CHECKPOINT_VERSION:
+            why = ("it was written by an older chip_ext and lacks the first-moment sums (Σ f h z, Σ f h g) "
+                   "that fit_intercept needs" if version < CHECKPOINT_VERSION else "it was written by a newer chip_ext")
+            raise ValueError(f"checkpoint {path} has format version {version}; this chip_ext reads version "
+                             f"{CHECKPOINT_VERSION}: {why}. Distil again with another checkpoint path "
+                             "(or delete the file)")
         if state["config"] != self.config:
             diff = {k: (state["config"].get(k), v) for k, v in self.config.items() if state["config"].get(k) != v}
             raise ValueError(
                 f"checkpoint {path} was written by a different configuration; differing (checkpoint, now): "
                 f"{diff}. Use another checkpoint path or the same arguments and model.")
         self.seen, self.complete = int(state["seen"]), bool(state["complete"])
-        self.position = int(state.get("position", state["seen"]))  # version 1: one process, position = seen
+        self.position = int(state["position"])
         self.resumed_at = self.position
         self.classes, self.num_outputs = state["classes"], state["num_outputs"]
         if self.classes is not None:
@@ -431,8 +456,6 @@ class _Run:
             s.rows = tuple(saved["rows"]) if saved.get("rows") is not None else None
             if saved["acc"] is not None:
                 s.acc = ops.Accumulators(*(t.to(self.device) for t in saved["acc"]))
-                if s.rows is None:  # version 1
-                    s.rows = (0, s.acc.n.shape[0])
 
     def _foreign_checkpoints(self, path: Path, found: dict) -> str | None:
         """Why the files at `path` (rank files `found` by list_rank_checkpoints) cannot be resumed
@@ -609,7 +632,7 @@ class _Run:
         C, K = len(self.classes), s.shape[0]
         s.rows = class_block(C, self.rank, self.world) if self.shard else (0, C)
         rows = s.rows[1] - s.rows[0]
-        need = 8 * rows * (packed_size(K) + K + 2)
+        need = ops.accumulator_bytes(rows, K)
         free = _free_bytes(self.device)
         if free is not None and need > 0.8 * free:
             hint = ("" if self.shard or self.world == 1 else
@@ -778,62 +801,93 @@ class _Run:
 
     # ---------------------------------------------------------------- solve
 
-    def solve(self, lam, lam_ratio, rho, max_iter, tol):
+    def solve(self, lam, lam_ratio, rho, max_iter, tol, fit_intercept=False, positive=False):
         """Solves the classes whose sums this rank holds (s.rows; all of them in one process) and,
-        under torch.distributed, gathers every rank's rows."""
-        weights, lams, solver_meta = {}, {}, {}
+        under torch.distributed, gathers every rank's rows. Returns per layer: W [C, K] float32,
+        intercepts [C] float32 (zeros without fit_intercept), λ per class, and the solver report."""
+        weights, intercepts, lams, solver_meta = {}, {}, {}, {}
         C = len(self.classes)
         for s in self.states:
-            G, b, y, n = s.acc
+            G, b, y, n, zs, gs = s.acc
             K = s.shape[0]
             r0, _ = s.rows
             W = torch.zeros(C, K, dtype=torch.float64)
+            b0 = torch.zeros(C, dtype=torch.float64)
             lam_c = torch.zeros(C, dtype=torch.float64)
             valid = (n > 0).nonzero().flatten().cpu()
             empty = [self.classes[r0 + i] for i in (n <= 0).nonzero().flatten().tolist()]
-            chunk = max(1, working_bytes(G.device) // (3 * 8 * K * K))  # Ĝ, its factor and a temporary
-            iters, converged, not_conv = [], [], []
+            chunk = max(1, working_bytes(G.device) // (4 * 8 * K * K))  # Ĝ, its factor and temporaries
+            report = {"class": [], "iterations": [], "converged": [], "primal": [], "dual": [],
+                      "polished": [], "factorizations": 0}
             for c0 in range(0, len(valid), chunk):
                 rows = valid[c0:c0 + chunk].to(G.device)
                 nn_ = n[rows]
                 G_hat = unpack_triu(G[rows], K) / nn_[:, None, None]
                 b_hat = b[rows] / nn_[:, None]
+                means = dict(x_mean=zs[rows] / nn_[:, None], y_mean=gs[rows] / nn_) if fit_intercept else {}
                 lam_rows = (torch.full_like(nn_, float(lam)) if lam is not None
-                            else lam_ratio * lambda_max(b_hat))
-                Wc, info = admm_lasso(G_hat, b_hat, lam_rows, rho=rho, max_iter=max_iter, tol=tol)
-                W[rows.cpu() + r0] = Wc.cpu()
-                lam_c[rows.cpu() + r0] = lam_rows.cpu()
-                iters.append(info.iterations)
-                converged.append(bool(info.converged.all()))
-                not_conv += [self.classes[r0 + int(r)] for r, ok in zip(rows.cpu(), info.converged) if not ok]
-            it = torch.cat(iters) if iters else torch.zeros(0, dtype=torch.long)
+                            else lam_ratio * lambda_max(b_hat, positive=positive, **means))
+                Wc, info = admm_lasso(G_hat, b_hat, lam_rows, rho=rho, max_iter=max_iter, tol=tol,
+                                      fit_intercept=fit_intercept, positive=positive, warn=False, **means)
+                at = rows.cpu() + r0
+                W[at] = Wc.cpu()
+                lam_c[at] = lam_rows.cpu()
+                if info.intercept is not None:
+                    b0[at] = info.intercept
+                report["class"] += [self.classes[int(r)] for r in at]
+                for key, value in (("iterations", info.iterations), ("converged", info.converged),
+                                   ("primal", info.primal_residual), ("dual", info.dual_residual),
+                                   ("polished", info.polished)):
+                    report[key] += value.tolist()
+                report["factorizations"] += info.factorizations
             if self.world > 1:
-                W, lam_c, it, converged, not_conv, empty = self._gather_solution(W, lam_c, it, converged,
-                                                                                 not_conv, empty)
+                W, b0, lam_c, report, empty = self._gather_solution(W, b0, lam_c, report, empty)
             weights[s.name] = W.float()
+            intercepts[s.name] = b0.float()
             lams[s.name] = lam_c
             self.empty_classes[s.name] = empty
-            solver_meta[s.name] = {
-                "iterations_max": int(it.max()) if len(it) else 0,
-                "iterations_mean": float(it.float().mean()) if len(it) else 0.0,
-                "converged": all(converged),
-                "not_converged_classes": not_conv[:100],
-            }
-        return weights, lams, solver_meta
+            solver_meta[s.name] = _solver_report(s.name, report, max_iter)
+        return weights, intercepts, lams, solver_meta
 
-    def _gather_solution(self, W, lam_c, it, converged, not_conv, empty):
+    def _gather_solution(self, W, b0, lam_c, report, empty):
         """Every rank holds its classes' rows (zeros elsewhere); the sum over ranks is the whole."""
         import torch.distributed as dist
 
-        W, lam_c = W.to(self.comm_device), lam_c.to(self.comm_device)
-        dist.all_reduce(W, op=dist.ReduceOp.SUM)
-        dist.all_reduce(lam_c, op=dist.ReduceOp.SUM)
-        parts = self._all_gather_object((it.tolist(), converged, not_conv, empty))
-        it = torch.tensor([i for p in parts for i in p[0]], dtype=torch.long)
-        converged = [all(c for p in parts for c in p[1])]
-        not_conv = [c for p in parts for c in p[2]]  # blocks in rank order: the classes' order
-        empty = [c for p in parts for c in p[3]]
-        return W.cpu(), lam_c.cpu(), it, converged, not_conv, empty
+        W, b0, lam_c = W.to(self.comm_device), b0.to(self.comm_device), lam_c.to(self.comm_device)
+        for t in (W, b0, lam_c):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        parts = self._all_gather_object((report, empty))
+        merged = {key: [v for p in parts for v in p[0][key]] for key in report if key != "factorizations"}
+        merged["factorizations"] = sum(p[0]["factorizations"] for p in parts)
+        empty = [c for p in parts for c in p[1]]  # blocks in rank order: the classes' order
+        return W.cpu(), b0.cpu(), lam_c.cpu(), merged, empty
+
+
+def _solver_report(layer: str, report: dict, max_iter: int) -> dict:
+    """imp.meta["solver"][layer]: iterations, convergence, factorisations, and the warning text."""
+    it = torch.tensor(report["iterations"], dtype=torch.long)
+    ok = torch.tensor(report["converged"], dtype=torch.bool)
+    bad = (~ok).nonzero().flatten().tolist()
+    message = None
+    if bad:
+        primal = torch.tensor(report["primal"], dtype=torch.float64)
+        dual = torch.tensor(report["dual"], dtype=torch.float64)
+        worst = max(bad, key=lambda i: max(float(primal[i]), float(dual[i])))
+        message = (f"layer {layer!r}: {len(bad)} of {len(ok)} classes did not converge in max_iter={max_iter} "
+                   f"ADMM iterations (classes {[report['class'][i] for i in bad[:10]]}"
+                   f"{' ...' if len(bad) > 10 else ''}; worst: class {report['class'][worst]}, primal residual "
+                   f"{float(primal[worst]):.2e}, dual residual {float(dual[worst]):.2e} at unit scale). Their W "
+                   "is approximate: raise max_iter, loosen tol, raise lam/lam_ratio, or distil more images "
+                   "(images x N well above K)")
+    return {
+        "iterations_max": int(it.max()) if len(it) else 0,
+        "iterations_mean": float(it.float().mean()) if len(it) else 0.0,
+        "converged": not bad,
+        "not_converged_classes": [report["class"][i] for i in bad[:100]],
+        "polished": int(sum(report["polished"])),
+        "factorizations": int(report["factorizations"]),
+        "message": message,
+    }
 
 
 def _backend() -> str | None:

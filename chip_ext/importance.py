@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 FORMAT = "chip_ext.Importance"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: intercepts (fit_intercept); version 1 files load with intercepts None
 
 
 class Importance:
@@ -18,12 +18,15 @@ class Importance:
 
     weights: {layer: Tensor[C, K]} (float32, row i for class classes[i]); classes: the C class
     indices of the model's output they cover; class_names: optional names, one per class;
+    intercepts: {layer: Tensor[C]} when distilled with fit_intercept=True, else None: the
+    unpenalised per-class intercept of the Lasso (score ≈ W[c]·z + intercept[c]);
     meta: hyper-parameters, images seen, perturbations, seed, layer shapes, library version,
     model fingerprint, solver report, timings.
     """
 
     def __init__(self, weights: dict[str, Tensor], classes: list[int], *,
-                 class_names: list[str] | None = None, meta: dict[str, Any] | None = None):
+                 class_names: list[str] | None = None, meta: dict[str, Any] | None = None,
+                 intercepts: dict[str, Tensor] | None = None):
         if not weights:
             raise ValueError("weights must hold at least one layer")
         C = len(classes)
@@ -31,9 +34,17 @@ class Importance:
             if not isinstance(W, Tensor) or W.dim() != 2 or W.shape[0] != C:
                 shape = list(W.shape) if isinstance(W, Tensor) else type(W).__name__
                 raise ValueError(f"weights[{layer!r}] must be a Tensor[C, K] with C={C}; got {shape}")
+        if intercepts is not None:
+            if set(intercepts) != set(weights):
+                raise ValueError(f"intercepts must have the layers of weights {list(weights)}; got {list(intercepts)}")
+            for layer, b0 in intercepts.items():
+                if not isinstance(b0, Tensor) or tuple(b0.shape) != (C,):
+                    shape = list(b0.shape) if isinstance(b0, Tensor) else type(b0).__name__
+                    raise ValueError(f"intercepts[{layer!r}] must be a Tensor[C] with C={C}; got {shape}")
         if class_names is not None and len(class_names) != C:
             raise ValueError(f"class_names must have one name per class ({C}); got {len(class_names)}")
         self.weights = {k: v.detach().cpu() for k, v in weights.items()}
+        self.intercepts = None if intercepts is None else {k: v.detach().cpu() for k, v in intercepts.items()}
         self.classes = [int(c) for c in classes]
         self.class_names = list(class_names) if class_names is not None else None
         self.meta = dict(meta or {})
@@ -65,7 +76,7 @@ class Importance:
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": self.weights,
-                "classes": self.classes, "class_names": self.class_names, "meta": _plain(self.meta)}
+                "intercepts": self.intercepts, "classes": self.classes, "class_names": self.class_names, "meta": _plain(self.meta)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes atomically (a temporary file renamed over `path`)."""
@@ -88,7 +99,7 @@ class Importance:
             raise ValueError(f"{path} was written by a newer chip_ext (format "
                              f"{state['format_version']}; this one reads {FORMAT_VERSION})")
         return cls(state["weights"], state["classes"], class_names=state["class_names"],
-                   meta=state["meta"])
+                   meta=state["meta"], intercepts=state.get("intercepts"))
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in self.weights.items())

@@ -1,39 +1,66 @@
-"""The per-class weighted Lasso of CHIP (eq. 11), solved by ADMM with a cached Cholesky factor.
+"""The per-class weighted Lasso of CHIP (eq. 11), solved by ADMM with cached Cholesky factors.
 
 For class c, on the normalised statistics Ĝ_c = G_c / n_c and b̂_c = b_c / n_c:
 
-    min_w  ½ wᵀ Ĝ_c w - b̂_cᵀ w + λ_c ||w||₁
+    min_w  ½ wᵀ Ĝ_c w - b̂_cᵀ w + λ_c ||w||₁          (w ≥ 0 with positive=True)
 
-which equals sklearn's ``Lasso(alpha=λ, fit_intercept=False)`` fitted with ``sample_weight = f^c h``.
-ADMM (eqs. 12-16): (Ĝ + ρI) w = b̂ + ρ(m + q);  m = soft(w - q, λ/ρ);  q = q - (w - m),
-over-relaxed (w replaced by αw + (1-α)m in the last two steps, α = 1.7).
-ρ is fixed per class, so Ĝ + ρI is factored once per class (batched) and reused every iteration.
+which equals scikit-learn's ``Lasso(alpha=λ, fit_intercept=False)`` fitted with
+``sample_weight = f^c h``. With ``fit_intercept=True`` the class also gets an unpenalised intercept
+(scikit-learn's convention): the problem is solved on the centred statistics Ĝ - μμᵀ and b̂ - μȳ
+(μ = Σ f h z / n, ȳ = Σ f h g / n, the weighted means), and the intercept is ȳ - μᵀw.
+
+ADMM (eqs. 12-16): (Ĝ + ρI) w = b̂ + ρ(m + q);  m = soft(w - q, λ/ρ);  q = q - (w - m), over-relaxed
+(w replaced by αw + (1-α)m in the last two steps, α = 1.7). With positive=True the soft threshold
+becomes the projection m = max(w - q - λ/ρ, 0).
+
+Step size ρ and accuracy: pooled activations share a large common mean, so Ĝ has one eigenvalue far
+above the rest; a fixed ρ = trace(Ĝ)/K crawls along the small ones (a planted exact map: 1,000
+iterations and 4-7% off), and even residuals at 1e-7 leave W off by residual / smallest eigenvalue.
+Two remedies, chosen by measurement (benchmarks/NOTES.md):
+- polishing (OSQP §4.3, with active-set corrections): every `adapt_interval` iterations, a class
+  whose support and signs did not change since the last check is solved exactly on that support
+  (one batched Cholesky), and is done when that solution passes the Lasso's optimality conditions.
+  ADMM finds the support long before its residuals are small, so this both ends the crawl and makes
+  W exact up to rounding; classes that meet the residual tolerances are polished too.
+- residual balancing (OSQP §5.2): at the same checks ρ is multiplied by √(relative primal / relative
+  dual residual) where that factor is off by more than `adapt_tolerance`; only those classes are
+  re-factored (batched), the others keep their cached factor.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+RHO_MIN, RHO_MAX = 1e-6, 1e6  # bounds on ρ at unit scale (Ĝ with trace/K = 1)
+POLISH_TOL_FACTOR = 1e-3  # the polished solution's optimality test: to 1e-3 tol at unit scale
+ADAPT_MAX_STEP = 10.0  # the most one residual-balancing step changes ρ by
 
 
 @dataclass
 class SolverInfo:
     """Convergence report of `admm_lasso`, one entry per class: Tensor[C]."""
 
-    iterations: Tensor  # iterations run until the class met its tolerances (max_iter if never)
-    primal_residual: Tensor  # ||w - m||  at the end
-    dual_residual: Tensor  # ρ ||m - m_prev||  at the end
-    converged: Tensor  # bool
-    rho: Tensor  # ρ used
+    iterations: Tensor  # ADMM iterations run until the class met its tolerances (max_iter if never)
+    primal_residual: Tensor  # ||w - m|| at the end (unit scale)
+    dual_residual: Tensor  # ρ ||m - m_prev|| at the end (unit scale)
+    converged: Tensor  # bool: tolerances met, or the polished solution passed the optimality test
+    rho: Tensor  # ρ at the end, in Ĝ's units (adapted during the solve unless adaptive_rho=False)
     lam: Tensor  # λ used
-    factorizations: int = 0  # Cholesky factorisations done (one per class)
+    factorizations: int = 0  # Cholesky factorisations of Ĝ + ρI (the first one, and one per ρ change)
+    polished: Tensor | None = None  # bool: the result is the polished (exact on its support) solution
+    intercept: Tensor | None = None  # the intercepts (fit_intercept=True), else None
+    polish_factorizations: int = 0  # Cholesky factorisations of polishing (one per polish attempt)
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"iterations": self.iterations, "primal_residual": self.primal_residual,
                 "dual_residual": self.dual_residual, "converged": self.converged, "rho": self.rho,
-                "lam": self.lam, "factorizations": self.factorizations}
+                "lam": self.lam, "factorizations": self.factorizations, "polished": self.polished,
+                "intercept": self.intercept, "polish_factorizations": self.polish_factorizations}
 
 
 def working_bytes(device: torch.device) -> int:
@@ -46,8 +73,28 @@ def working_bytes(device: torch.device) -> int:
     return budget
 
 
-def lambda_max(b: Tensor) -> Tensor:
-    """b: Tensor[C, K] (normalised) -> Tensor[C]: the smallest λ for which w = 0 solves the class."""
+def center(G: Tensor, b: Tensor, x_mean: Tensor, y_mean: Tensor) -> tuple[Tensor, Tensor]:
+    """The centred statistics of a regression with an intercept.
+
+    G: Tensor[C, K, K] = Σ ω z zᵀ / Σ ω, b: Tensor[C, K] = Σ ω g z / Σ ω, x_mean: Tensor[C, K] = Σ ω z / Σ ω,
+    y_mean: Tensor[C] = Σ ω g / Σ ω  ->  (G - μμᵀ, b - μȳ), the weighted covariance of z and of (z, g).
+    """
+    return G - x_mean[:, :, None] * x_mean[:, None, :], b - x_mean * y_mean[:, None]
+
+
+def lambda_max(b: Tensor, *, positive: bool = False, x_mean: Tensor | None = None,
+               y_mean: Tensor | None = None) -> Tensor:
+    """b: Tensor[C, K] (normalised) -> Tensor[C]: the smallest λ for which w = 0 solves the class.
+
+    ||b̂||_∞; with positive=True max(max_k b̂_k, 0) (only channels that raise the score can enter);
+    with x_mean, y_mean (fit_intercept) the same on the centred b̂ - μȳ.
+    """
+    if x_mean is not None or y_mean is not None:
+        if x_mean is None or y_mean is None:
+            raise ValueError("lambda_max: give both x_mean and y_mean (fit_intercept) or neither")
+        b = b - x_mean * y_mean[:, None]
+    if positive:
+        return b.amax(dim=-1).clamp_min(0.0)
     return b.abs().amax(dim=-1)
 
 
@@ -56,13 +103,15 @@ def soft_threshold(x: Tensor, t: Tensor) -> Tensor:
 
 
 def default_rho(G: Tensor) -> Tensor:
-    """ρ_c = mean eigenvalue of Ĝ_c (trace / K), floored: puts ρ on the scale of the quadratic term."""
+    """ρ_c = mean eigenvalue of Ĝ_c (trace / K), floored: the starting ρ (unit scale: 1)."""
     K = G.shape[-1]
     tr = torch.diagonal(G, dim1=-2, dim2=-1).sum(-1) / K
     return torch.clamp(tr, min=1e-12)
 
 
 def _as_per_class(value: float | Tensor, C: int, name: str, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor) and value.is_complex():
+        raise TypeError(f"{name} must be real; got a {value.dtype} tensor")
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if t.dim() == 0:
         t = t.expand(C)
@@ -71,45 +120,127 @@ def _as_per_class(value: float | Tensor, C: int, name: str, like: Tensor) -> Ten
     return t.clone()
 
 
-def admm_lasso(G: Tensor, b: Tensor, lam: float | Tensor, *, rho: float | Tensor | None = None,
-               max_iter: int = 1000, tol: float = 1e-7, chunk_size: int | None = None,
-               relaxation: float = 1.7) -> tuple[Tensor, SolverInfo]:
-    """Solves C weighted Lasso problems at once.
+def _real_float(t: Tensor, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.is_complex():
+        raise TypeError(f"{name} must be real (float32 or float64); got {t.dtype}")
+    return t
 
-    G: Tensor[C, K, K] normalised Gram matrices (symmetric PSD); b: Tensor[C, K];
-    lam: float or Tensor[C] (>= 0); rho: float, Tensor[C] or None (default: trace(Ĝ_c)/K).
-    Stops per class on Boyd's residuals: ||w-m|| <= √K·tol + tol·max(||w||,||m||) and
-    ρ||m-m_prev|| <= √K·tol + tol·||ρq||, measured on the class rescaled to unit scale (Ĝ by
-    trace(Ĝ)/K, b̂ and λ by max|b̂|), so tol is relative and the result does not depend on the
-    scale of the targets; SolverInfo's residuals are in those units. Classes are solved in chunks
-    of `chunk_size` (default from `working_bytes`: 256 MiB of K x K factors on the CPU, 1/8 of
-    the free memory on a GPU).
-    relaxation: ADMM over-relaxation α in (0, 2) (Boyd et al. §3.4.3; 1 = plain ADMM). 1.7 took 41%
-    fewer iterations than 1 to the same accuracy on 1000-class CHIP statistics (benchmarks/bench_solver.py).
-    Returns W: Tensor[C, K] (= m, exactly sparse) in G's dtype and a SolverInfo.
-    """
+
+def _check_finite(t: Tensor, name: str) -> None:
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        where = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"{name} holds NaN or Inf (classes {where[:10]}{' ...' if len(where) > 10 else ''}); "
+                         "the statistics are broken: check the network's outputs and the accumulators")
+
+
+def _checked_inputs(G, b, lam, rho, max_iter, tol, chunk_size, relaxation, x_mean, y_mean, fit_intercept,
+                    adapt_interval, adapt_tolerance):
+    G, b = _real_float(G, "G"), _real_float(b, "b")
     if G.dim() != 3 or G.shape[-1] != G.shape[-2]:
         raise ValueError(f"G must be [C, K, K]; got {list(G.shape)}")
     C, K, _ = G.shape
     if b.shape != (C, K):
         raise ValueError(f"b must be [C, K] = [{C}, {K}] to match G; got {list(b.shape)}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0; got {tol}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1; got {max_iter!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite float > 0; got {tol!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 (classes per batch) or None; got {chunk_size!r}")
     if not 0 < relaxation < 2:
         raise ValueError(f"relaxation must be in (0, 2); got {relaxation}")
+    if isinstance(adapt_interval, bool) or not isinstance(adapt_interval, int) or adapt_interval < 1:
+        raise ValueError(f"adapt_interval must be an int >= 1; got {adapt_interval!r}")
+    if not adapt_tolerance > 1:
+        raise ValueError(f"adapt_tolerance must be > 1; got {adapt_tolerance}")
+    if fit_intercept:
+        if x_mean is None or y_mean is None:
+            raise ValueError("fit_intercept=True needs x_mean: Tensor[C, K] (Σ ω z / Σ ω) and "
+                             "y_mean: Tensor[C] (Σ ω g / Σ ω), the weighted means of the features and targets")
+        x_mean, y_mean = _real_float(x_mean, "x_mean"), _real_float(y_mean, "y_mean")
+        if x_mean.shape != (C, K):
+            raise ValueError(f"x_mean must be [C, K] = [{C}, {K}] to match G; got {list(x_mean.shape)}")
+        if y_mean.shape != (C,):
+            raise ValueError(f"y_mean must be [C] = [{C}] to match G; got {list(y_mean.shape)}")
+    elif x_mean is not None or y_mean is not None:
+        raise ValueError("x_mean and y_mean are the means for the intercept: pass fit_intercept=True with them")
     dtype = G.dtype if G.dtype in (torch.float32, torch.float64) else torch.float64
     G = G.to(dtype)
     b = b.to(dtype=dtype, device=G.device)
+    _check_finite(G, "G")
+    _check_finite(b, "b")
+    if fit_intercept:
+        x_mean = x_mean.to(dtype=dtype, device=G.device)
+        y_mean = y_mean.to(dtype=dtype, device=G.device)
+        _check_finite(x_mean, "x_mean")
+        _check_finite(y_mean, "y_mean")
+    asym = (G - G.mT).abs().amax(dim=(1, 2))
+    scale = G.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(dtype).tiny)
+    bad = (asym > math.sqrt(torch.finfo(dtype).eps) * scale).nonzero().flatten().tolist()
+    if bad:
+        c = bad[0]
+        raise ValueError(f"G must be symmetric; G[{c}] differs from its transpose by {float(asym[c]):.3g} "
+                         f"(max |G[{c}]| = {float(scale[c]):.3g}; classes {bad[:10]})")
+    G = 0.5 * (G + G.mT)  # exactly symmetric for the factorisation
     lam_t = _as_per_class(lam, C, "lam", G)
     if torch.any(lam_t < 0) or not torch.isfinite(lam_t).all():
-        raise ValueError(f"lam must be finite and >= 0; got min {float(lam_t.min())}")
-    rho_t = default_rho(G) if rho is None else _as_per_class(rho, C, "rho", G)
-    if torch.any(rho_t <= 0) or not torch.isfinite(rho_t).all():
-        raise ValueError(f"rho must be finite and > 0; got min {float(rho_t.min())}")
+        raise ValueError(f"lam must be finite and >= 0; got min {float(lam_t.min())}, max {float(lam_t.max())}")
+    rho_t = None
+    if rho is not None:
+        rho_t = _as_per_class(rho, C, "rho", G)
+        if torch.any(rho_t <= 0) or not torch.isfinite(rho_t).all():
+            raise ValueError(f"rho must be finite and > 0; got min {float(rho_t.min())}")
+    return G, b, lam_t, rho_t, x_mean, y_mean
+
+
+def admm_lasso(G: Tensor, b: Tensor, lam: float | Tensor, *, rho: float | Tensor | None = None,
+               max_iter: int = 1000, tol: float = 1e-7, chunk_size: int | None = None,
+               relaxation: float = 1.7, positive: bool = False, fit_intercept: bool = False,
+               x_mean: Tensor | None = None, y_mean: Tensor | None = None, adaptive_rho: bool = True,
+               adapt_interval: int = 10, adapt_tolerance: float = 5.0, polish: bool = True,
+               warn: bool = True) -> tuple[Tensor, SolverInfo]:
+    """Solves C weighted Lasso problems at once.
+
+    G: Tensor[C, K, K] normalised Gram matrices (symmetric PSD); b: Tensor[C, K];
+    lam: float or Tensor[C] (>= 0); rho: float, Tensor[C] or None: the starting ρ (default
+    trace(Ĝ_c)/K), adapted during the solve unless adaptive_rho=False.
+    positive: constrain w >= 0 (scikit-learn's positive=True).
+    fit_intercept: fit an unpenalised intercept per class (scikit-learn's convention); needs the
+        weighted means x_mean: Tensor[C, K] (Σ ω z / Σ ω) and y_mean: Tensor[C] (Σ ω g / Σ ω). G and b
+        stay the uncentred second moments; the intercepts are in SolverInfo.intercept.
+    Stops per class on Boyd's residuals: ||w-m|| <= √K·tol + tol·max(||w||,||m||) and
+    ρ||m-m_prev|| <= √K·tol + tol·||ρq||, measured on the class rescaled to unit scale (Ĝ by
+    trace(Ĝ)/K, b̂ and λ by max|b̂|), so tol is relative and the result does not depend on the
+    scale of the targets; SolverInfo's residuals are in those units.
+    adaptive_rho: residual balancing every `adapt_interval` iterations when the balancing factor is
+        above `adapt_tolerance` or below its inverse; each change re-factors that class.
+    polish: on convergence (and at max_iter) solve exactly on the support and signs found (with up
+        to 4 active-set corrections of that support), and keep that solution when it meets the Lasso's
+        optimality conditions to 1e-3·tol (unit scale); a class stopped at max_iter whose polished
+        solution passes counts as converged. Small residuals alone do not make W accurate when Ĝ is
+        ill-conditioned (the error grows like residual / smallest eigenvalue); the polished solution
+        is exact up to rounding once its support is right.
+    Classes are solved in chunks of `chunk_size` (default from `working_bytes`: 256 MiB of K x K
+    matrices on the CPU, 1/8 of the free memory on a GPU).
+    relaxation: ADMM over-relaxation α in (0, 2) (Boyd et al. §3.4.3; 1 = plain ADMM).
+    warn: a UserWarning when classes stop at max_iter without converging.
+    Returns W: Tensor[C, K] (exactly sparse) in G's dtype and a SolverInfo.
+    """
+    G, b, lam_t, rho_t, x_mean, y_mean = _checked_inputs(
+        G, b, lam, rho, max_iter, tol, chunk_size, relaxation, x_mean, y_mean, fit_intercept,
+        adapt_interval, adapt_tolerance)
+    C, K, _ = G.shape
+    dtype = G.dtype
+    if fit_intercept:
+        G, b = center(G, b, x_mean, y_mean)
+    if rho_t is None:
+        rho_t = default_rho(G)
     if chunk_size is None:
-        chunk_size = max(1, working_bytes(G.device) // max(1, 3 * K * K * G.element_size()))
+        chunk_size = max(1, working_bytes(G.device) // max(1, 4 * K * K * G.element_size()))
     # Each class is solved at unit scale: Ĝ' = Ĝ/g, b̂' = b̂/β, λ' = λ/β, ρ' = ρ/g with g = trace(Ĝ)/K
     # and β = max|b̂|, then w = (β/g) w'. The objective only scales, so the solution is the same,
     # but the stopping rule's absolute part (√K·tol) is now relative to the problem: CHIP's targets
@@ -118,74 +249,252 @@ def admm_lasso(G: Tensor, b: Tensor, lam: float | Tensor, *, rho: float | Tensor
     b_scale = b.abs().amax(dim=-1).clamp_min(torch.finfo(dtype).tiny)
 
     W = torch.zeros(C, K, dtype=dtype, device=G.device)
-    iterations = torch.full((C,), max_iter, dtype=torch.long)
-    r_pri = torch.zeros(C, dtype=torch.float64)
-    r_dual = torch.zeros(C, dtype=torch.float64)
-    converged = torch.zeros(C, dtype=torch.bool)
-    factorizations = 0
-    eye = torch.eye(K, dtype=dtype, device=G.device)
-    sqrt_k = K ** 0.5
-
+    out = {"iterations": torch.full((C,), max_iter, dtype=torch.long),
+           "primal": torch.zeros(C, dtype=torch.float64), "dual": torch.zeros(C, dtype=torch.float64),
+           "converged": torch.zeros(C, dtype=torch.bool), "polished": torch.zeros(C, dtype=torch.bool),
+           "rho": torch.zeros(C, dtype=torch.float64)}
+    counts = {"factorizations": 0, "polish_factorizations": 0}
+    settings = dict(max_iter=max_iter, tol=tol, relaxation=relaxation, positive=positive,
+                    adaptive_rho=adaptive_rho, adapt_interval=adapt_interval,
+                    adapt_tolerance=adapt_tolerance, polish=polish)
     for c0 in range(0, C, chunk_size):
         sl = slice(c0, min(C, c0 + chunk_size))
         gs, bs = g_scale[sl], b_scale[sl]
-        Gc, bc, lc, rc = G[sl] / gs[:, None, None], b[sl] / bs[:, None], lam_t[sl] / bs, rho_t[sl] / gs
-        L, status = torch.linalg.cholesky_ex(Gc + rc[:, None, None] * eye)
-        factorizations += Gc.shape[0]
-        if torch.any(status != 0):
-            bad = (status != 0).nonzero().flatten().tolist()
-            raise RuntimeError(f"Cholesky of G + rho*I failed for classes {[c0 + i for i in bad][:10]}: "
-                               "G is not symmetric positive semi-definite (NaN/Inf in the statistics?)")
-        nc = bc.shape[0]
-        # Active set: the classes still iterating. Converged classes are frozen (so a class's result
-        # does not depend on its chunk-mates) and dropped from the working tensors once a quarter
-        # of the active rows are done, so stragglers do not cost a whole chunk per iteration.
-        rows = torch.arange(nc, device=G.device)
-        La, ba, ra, ta = L, bc, rc, (lc / rc)[:, None]
-        m = torch.zeros_like(bc)
-        q = torch.zeros_like(bc)
-        done = torch.zeros(nc, dtype=torch.bool, device=G.device)
-        m_out = torch.zeros_like(bc)
-        it_out = torch.full((nc,), max_iter, dtype=torch.long, device=G.device)
-        pri_out = torch.zeros(nc, dtype=dtype, device=G.device)
-        dual_out = torch.zeros_like(pri_out)
-        conv_out = torch.zeros(nc, dtype=torch.bool, device=G.device)
-        for it in range(1, max_iter + 1):
-            rhs = ba + ra[:, None] * (m + q)
-            # two triangular solves with the cached factor: L y = rhs, Lᵀ w = y
-            y = torch.linalg.solve_triangular(La, rhs.unsqueeze(-1), upper=False)
-            w = torch.linalg.solve_triangular(La.mT, y, upper=True).squeeze(-1)
-            w_hat = w if relaxation == 1.0 else relaxation * w + (1.0 - relaxation) * m  # over-relaxation
-            m_new = soft_threshold(w_hat - q, ta)
-            q_new = q - (w_hat - m_new)
-            primal = (w - m_new).norm(dim=1)
-            dual = ra * (m_new - m).norm(dim=1)
-            eps_pri = sqrt_k * tol + tol * torch.maximum(w.norm(dim=1), m_new.norm(dim=1))
-            eps_dual = sqrt_k * tol + tol * (ra[:, None] * q_new).norm(dim=1)
-            frozen = done[:, None]
-            m = torch.where(frozen, m, m_new)
-            q = torch.where(frozen, q, q_new)
-            ok = (primal <= eps_pri) & (dual <= eps_dual) & ~done
-            if bool(ok.any()):
-                r = rows[ok]
-                m_out[r], it_out[r], pri_out[r], dual_out[r] = m[ok], it, primal[ok], dual[ok]
-                conv_out[r] = True
-                done = done | ok
-            n_done = int(done.sum())
-            if n_done == done.numel():
-                break
-            if n_done * 4 >= done.numel():
-                keep = ~done
-                rows, La, ba, ra, ta, m, q = (t[keep] for t in (rows, La, ba, ra, ta, m, q))
-                done = done[keep]
-        else:  # max_iter reached: report the classes still iterating as they are
-            left = ~done
-            r = rows[left]
-            m_out[r], pri_out[r], dual_out[r] = m[left], primal[left], dual[left]
-        W[sl] = m_out * (bs / gs)[:, None]
-        iterations[sl] = it_out.cpu()
-        r_pri[sl] = pri_out.double().cpu()
-        r_dual[sl] = dual_out.double().cpu()
-        converged[sl] = conv_out.cpu()
-    return W, SolverInfo(iterations, r_pri, r_dual, converged, rho_t.double().cpu(),
-                         lam_t.double().cpu(), factorizations)
+        chunk = _solve_chunk(G[sl] / gs[:, None, None], b[sl] / bs[:, None], lam_t[sl] / bs,
+                             rho_t[sl] / gs, counts, **settings)
+        W[sl] = chunk["w"] * (bs / gs)[:, None]
+        for key in ("iterations", "primal", "dual", "converged", "polished"):
+            out[key][sl] = chunk[key].to(out[key].dtype).cpu()
+        out["rho"][sl] = (chunk["rho"] * gs).double().cpu()
+    intercept = (y_mean - (x_mean * W).sum(dim=1)) if fit_intercept else None
+    info = SolverInfo(out["iterations"], out["primal"], out["dual"], out["converged"], out["rho"],
+                      lam_t.double().cpu(), counts["factorizations"], out["polished"],
+                      None if intercept is None else intercept.double().cpu(), counts["polish_factorizations"])
+    if warn:
+        message = not_converged_message(info)
+        if message:
+            warnings.warn(message, UserWarning, stacklevel=2)
+    return W, info
+
+
+def not_converged_message(info: SolverInfo, what: str = "") -> str | None:
+    """The warning text for the classes of `info` that did not converge, or None when all did."""
+    bad = (~info.converged).nonzero().flatten()
+    if len(bad) == 0:
+        return None
+    worst = int(bad[torch.argmax(torch.maximum(info.primal_residual[bad], info.dual_residual[bad]))])
+    return (f"{what}{len(bad)} of {len(info.converged)} classes did not converge in "
+            f"{int(info.iterations.max())} ADMM iterations (e.g. classes {bad[:10].tolist()}; worst: class "
+            f"{worst}, primal residual {float(info.primal_residual[worst]):.2e}, dual residual "
+            f"{float(info.dual_residual[worst]):.2e} at unit scale). Their W is approximate: raise max_iter, "
+            "loosen tol, raise lam, or use more images (images x N well above K)")
+
+
+class _Active:
+    """The classes of a chunk still iterating: row-aligned tensors, compacted together."""
+
+    def __init__(self, **tensors: Tensor):
+        self.__dict__.update(tensors)
+        self._names = list(tensors)
+
+    def keep(self, mask: Tensor) -> None:
+        for name in self._names:
+            setattr(self, name, getattr(self, name)[mask])
+
+
+def _factor(G: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    L, status = torch.linalg.cholesky_ex(G + rho[:, None, None] * eye)
+    return L, status == 0
+
+
+def _prox(v: Tensor, t: Tensor, positive: bool) -> Tensor:
+    """The proximal map of t||·||₁ (+ the indicator of w >= 0 when positive)."""
+    return torch.clamp(v - t, min=0.0) if positive else soft_threshold(v, t)
+
+
+def _solve_chunk(G, b, lam, rho, counts, *, max_iter, tol, relaxation, positive, adaptive_rho,
+                 adapt_interval, adapt_tolerance, polish) -> dict:
+    """ADMM on one chunk of classes at unit scale. G: [n, K, K], b: [n, K], lam, rho: [n]."""
+    n, K = b.shape
+    dev, dtype = G.device, G.dtype
+    L, ok = _factor(G, rho)
+    counts["factorizations"] += n
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten().tolist()
+        raise RuntimeError(f"Cholesky of G + rho*I failed for classes {bad[:10]} of this chunk: G is not "
+                           "symmetric positive semi-definite")
+    res = {"w": torch.zeros_like(b), "iterations": torch.full((n,), max_iter, dtype=torch.long, device=dev),
+           "primal": torch.zeros(n, dtype=dtype, device=dev), "dual": torch.zeros(n, dtype=dtype, device=dev),
+           "converged": torch.zeros(n, dtype=torch.bool, device=dev),
+           "polished": torch.zeros(n, dtype=torch.bool, device=dev), "rho": rho.clone()}
+    zeros = torch.zeros(n, dtype=dtype, device=dev)
+    # Converged classes are frozen (a class's result does not depend on its chunk-mates) and dropped
+    # from the working tensors once a quarter of the active rows are done.
+    act = _Active(rows=torch.arange(n, device=dev), G=G, L=L, b=b, lam=lam, rho=rho.clone(),
+                  w=torch.zeros_like(b), m=torch.zeros_like(b), q=torch.zeros_like(b), primal=zeros,
+                  dual=zeros.clone(), pattern=torch.zeros_like(b), tried=torch.zeros(n, dtype=torch.bool, device=dev),
+                  done=torch.zeros(n, dtype=torch.bool, device=dev))
+    sqrt_k = K ** 0.5
+    for it in range(1, max_iter + 1):
+        rhs = act.b + act.rho[:, None] * (act.m + act.q)
+        w = torch.cholesky_solve(rhs.unsqueeze(-1), act.L).squeeze(-1)  # cached factor: two triangular solves
+        w_hat = w if relaxation == 1.0 else relaxation * w + (1.0 - relaxation) * act.m
+        m_new = _prox(w_hat - act.q, (act.lam / act.rho)[:, None], positive)
+        q_new = act.q - (w_hat - m_new)
+        primal = (w - m_new).norm(dim=1)
+        dual = act.rho * (m_new - act.m).norm(dim=1)
+        eps_pri = sqrt_k * tol + tol * torch.maximum(w.norm(dim=1), m_new.norm(dim=1))
+        eps_dual = sqrt_k * tol + tol * (act.rho[:, None] * q_new).norm(dim=1)
+        frozen = act.done[:, None]
+        act.w = torch.where(frozen, act.w, w)
+        act.m = torch.where(frozen, act.m, m_new)
+        act.q = torch.where(frozen, act.q, q_new)
+        act.primal = torch.where(act.done, act.primal, primal)
+        act.dual = torch.where(act.done, act.dual, dual)
+        met = (primal <= eps_pri) & (dual <= eps_dual) & ~act.done
+        if bool(met.any()):
+            _finish(res, act, met, it, polish, positive, tol, counts)
+            act.done = act.done | met
+        if it % adapt_interval == 0 and it < max_iter:
+            if polish:
+                _polish_early(res, act, it, positive, tol, counts)
+            if adaptive_rho:
+                _adapt_rho(act, adapt_tolerance, counts)
+        n_done = int(act.done.sum())
+        if n_done == act.done.numel():
+            break
+        if n_done * 4 >= act.done.numel():
+            act.keep(~act.done)
+    else:
+        left = ~act.done
+        if bool(left.any()):
+            _finish(res, act, left, max_iter, polish, positive, tol, counts, at_max_iter=True)
+    return res
+
+
+def _polish_early(res: dict, act: _Active, it: int, positive: bool, tol: float, counts: dict) -> None:
+    """Polishes the classes whose support and signs did not change since the last check (ADMM often
+    finds them long before its residuals are small), once per support; a class that passes the
+    optimality test is done."""
+    pattern = torch.sign(act.m)
+    stable = (pattern == act.pattern).all(dim=1)
+    act.tried = act.tried & stable
+    act.pattern = pattern
+    try_now = stable & ~act.tried & ~act.done & (pattern != 0).any(dim=1)
+    if not bool(try_now.any()):
+        return
+    act.tried = act.tried | try_now
+    w, good, factorizations = polish_support(act.G[try_now], act.b[try_now], act.lam[try_now], act.m[try_now],
+                                             positive, POLISH_TOL_FACTOR * tol)
+    counts["polish_factorizations"] += factorizations
+    if not bool(good.any()):
+        return
+    sel = try_now.clone()
+    sel[try_now.nonzero().flatten()[~good]] = False
+    r = act.rows[sel]
+    res["w"][r] = w[good]
+    res["iterations"][r] = it
+    res["primal"][r], res["dual"][r] = act.primal[sel], act.dual[sel]
+    res["rho"][r] = act.rho[sel]
+    res["converged"][r] = True
+    res["polished"][r] = True
+    act.done = act.done | sel
+
+
+def _adapt_rho(act: _Active, tolerance: float, counts: dict) -> None:
+    """Residual balancing (OSQP §5.2): ρ ← ρ √(rel. primal / rel. dual) where that factor is off by
+    more than `tolerance`, with the relative residuals of the stopping rule: ||w - m|| / max(||w||, ||m||)
+    and ρ||m - m_prev|| / ||ρq||. A step changes ρ by at most ADAPT_MAX_STEP, and classes whose m or
+    w - m stood still are left alone (no information: unguarded, a class still at m = 0 jumped to
+    ρ = 1e6 and took 900 iterations to come back). Re-factors only the classes whose ρ changed and
+    rescales their scaled duals q (ρq is kept)."""
+    tiny = 1e-300
+    rel_pri = act.primal / torch.maximum(act.w.norm(dim=1), act.m.norm(dim=1)).clamp_min(tiny)
+    rel_dual = act.dual / (act.rho[:, None] * act.q).norm(dim=1).clamp_min(tiny)
+    factor = torch.sqrt(rel_pri.clamp_min(tiny) / rel_dual.clamp_min(tiny))
+    factor = factor.clamp(1.0 / ADAPT_MAX_STEP, ADAPT_MAX_STEP)
+    new_rho = (act.rho * factor).clamp(RHO_MIN, RHO_MAX)
+    change = (((factor > tolerance) | (factor < 1.0 / tolerance)) & ~act.done & (new_rho != act.rho)
+              & (act.primal > 0) & (act.dual > 0))
+    if not bool(change.any()):
+        return
+    idx = change.nonzero().flatten()
+    L, ok = _factor(act.G[idx], new_rho[idx])
+    counts["factorizations"] += len(idx)
+    idx, L = idx[ok], L[ok]  # a failed factorisation keeps the old ρ and factor
+    if len(idx) == 0:
+        return
+    act.L[idx] = L
+    act.q[idx] = act.q[idx] * (act.rho[idx] / new_rho[idx])[:, None]
+    act.rho[idx] = new_rho[idx]
+
+
+def _finish(res: dict, act: _Active, sel: Tensor, it: int, polish: bool, positive: bool, tol: float,
+            counts: dict, at_max_iter: bool = False) -> None:
+    """Writes the results of the active rows `sel` (met their tolerances, or reached max_iter)."""
+    r = act.rows[sel]
+    m = act.m[sel]
+    res["w"][r] = m
+    res["iterations"][r] = it
+    res["primal"][r], res["dual"][r] = act.primal[sel], act.dual[sel]
+    res["rho"][r] = act.rho[sel]
+    res["converged"][r] = not at_max_iter
+    if not polish:
+        return
+    w, good, factorizations = polish_support(act.G[sel], act.b[sel], act.lam[sel], m, positive,
+                                             POLISH_TOL_FACTOR * tol)
+    counts["polish_factorizations"] += factorizations
+    res["w"][r[good]] = w[good]
+    res["polished"][r] = good
+    if at_max_iter:
+        res["converged"][r] = good
+
+
+def polish_support(G: Tensor, b: Tensor, lam: Tensor, m: Tensor, positive: bool, kkt_tol: float,
+                   rounds: int = 4) -> tuple[Tensor, Tensor, int]:
+    """The exact Lasso minimiser near an approximate one, and whether it is optimal.
+
+    G: [n, K, K], b: [n, K], lam: [n], m: [n, K] (an approximate solution, e.g. ADMM's). With the
+    support S = {k: m_k != 0} and signs s = sign(m): w_S = G_SS⁻¹ (b_S - λ s_S), w = 0 elsewhere. That
+    solves the Lasso when sign(w_S) = s and |(Gw - b)_k| <= λ off S (positive: (Gw - b)_k >= -λ),
+    tested here to `kkt_tol`. Where the test fails, the support is corrected (channels whose sign
+    flipped leave it, channels that violate the off-support condition join it with the sign that
+    lowers the objective) and solved again, up to `rounds` times: an active-set step.
+    Returns (w [n, K], ok [n] bool, factorisations done). One batched Cholesky per round.
+    """
+    n, K = m.shape
+    support = m != 0
+    s = torch.ones_like(m) if positive else torch.sign(m)
+    w_out = m.clone()
+    ok_out = torch.zeros(n, dtype=torch.bool, device=m.device)
+    todo = torch.arange(n, device=m.device)
+    eps = torch.finfo(G.dtype).eps
+    factorizations = 0
+    for _ in range(rounds):
+        Gt, bt, lt, St, st = G[todo], b[todo], lam[todo], support[todo], s[todo]
+        mask = St.to(G.dtype)
+        A = Gt * mask[:, :, None] * mask[:, None, :] + torch.diag_embed(1.0 - mask)
+        L, status = torch.linalg.cholesky_ex(A)
+        factorizations += len(todo)
+        w = torch.cholesky_solve(((bt - lt[:, None] * st) * mask).unsqueeze(-1), L).squeeze(-1) * mask
+        grad = torch.bmm(Gt, w.unsqueeze(-1)).squeeze(-1) - bt
+        # rounding in grad: K products of size |G||w|
+        slack = kkt_tol + 8 * K * eps * (Gt.abs().amax(dim=(1, 2)) * w.abs().amax(dim=1) + bt.abs().amax(dim=1))
+        limit = (lt + slack)[:, None]
+        flipped = St & (torch.sign(w) != st)
+        violates = ~St & ((grad < -limit) if positive else (grad.abs() > limit))
+        good = (status == 0) & torch.isfinite(w).all(dim=1) & ~flipped.any(dim=1) & ~violates.any(dim=1)
+        w_out[todo[good]] = w[good]
+        ok_out[todo[good]] = True
+        if bool(good.all()):
+            break
+        bad = ~good
+        rows = todo[bad]
+        # the next support: drop sign flips, add violators with the sign that lowers the objective
+        new_support = (St[bad] & ~flipped[bad]) | violates[bad]
+        new_sign = torch.where(violates[bad], torch.ones_like(grad[bad]) if positive else -torch.sign(grad[bad]),
+                               st[bad])
+        support[rows], s[rows] = new_support, new_sign
+        todo = rows
+    return w_out, ok_out, factorizations

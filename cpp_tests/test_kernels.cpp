@@ -63,8 +63,8 @@ void test_gram() {
   at::Tensor g = at::tensor({0.8f, 0.4f}).view({1, 2, 1});
   auto f64 = at::TensorOptions().dtype(at::kDouble);
   at::Tensor G = at::zeros({1, 3}, f64), b = at::zeros({1, 2}, f64), y = at::zeros({1}, f64),
-             n = at::zeros({1}, f64);
-  call("chip_ext::gram_accumulate", {G, b, y, n, a, gates, h, f, g});
+             n = at::zeros({1}, f64), zs = at::zeros({1, 2}, f64), gs = at::zeros({1}, f64);
+  call("chip_ext::gram_accumulate", {G, b, y, n, zs, gs, a, gates, h, f, g});
   // z1 = (2,3) with weight f*h = 0.5; z2 = (2,0) with weight 0.25
   // G = 0.5*[[4,6],[6,9]] + 0.25*[[4,0],[0,0]] -> packed (3, 3, 4.5)
   expect(close(G, at::tensor({3.0, 3.0, 4.5}, f64).view({1, 3}), 1e-6), "gram G (packed upper triangle)");
@@ -72,8 +72,11 @@ void test_gram() {
   expect(close(b, at::tensor({1.0, 1.2}, f64).view({1, 2}), 1e-6), "gram b");
   expect(close(y, at::tensor({0.36}, f64), 1e-6), "gram y = sum f h g^2");
   expect(close(n, at::tensor({0.75}, f64), 1e-6), "gram n = sum f h");
+  // zs = 0.5*(2,3) + 0.25*(2,0) = (1.5, 1.5);  gs = 0.5*0.8 + 0.25*0.4 = 0.5
+  expect(close(zs, at::tensor({1.5, 1.5}, f64).view({1, 2}), 1e-6), "gram zs = sum f h z");
+  expect(close(gs, at::tensor({0.5}, f64), 1e-6), "gram gs = sum f h g");
   // A second call adds the same again.
-  call("chip_ext::gram_accumulate", {G, b, y, n, a, gates, h, f, g});
+  call("chip_ext::gram_accumulate", {G, b, y, n, zs, gs, a, gates, h, f, g});
   expect(close(n, at::tensor({1.5}, f64), 1e-6), "gram accumulates across calls");
 }
 

@@ -81,8 +81,9 @@ void check_gate_pool_inputs(const at::Tensor& A, const at::Tensor& gates) {
 }
 
 void check_gram_inputs(const at::Tensor& G, const at::Tensor& b, const at::Tensor& y,
-                       const at::Tensor& n, const at::Tensor& a, const at::Tensor& gates,
-                       const at::Tensor& h, const at::Tensor& f, const at::Tensor& g) {
+                       const at::Tensor& n, const at::Tensor& zs, const at::Tensor& gs,
+                       const at::Tensor& a, const at::Tensor& gates, const at::Tensor& h,
+                       const at::Tensor& f, const at::Tensor& g) {
   check_dim(a, "a", 2, "[B, K] (pooled activations)");
   check_dim(gates, "gates", 3, "[B, N, K]");
   check_dim(h, "h", 2, "[B, N] (proximity weights)");
@@ -92,6 +93,8 @@ void check_gram_inputs(const at::Tensor& G, const at::Tensor& b, const at::Tenso
   check_dim(b, "b", 2, "[C, K]");
   check_dim(y, "y", 1, "[C]");
   check_dim(n, "n", 1, "[C]");
+  check_dim(zs, "zs", 2, "[C, K] (sum of f h z)");
+  check_dim(gs, "gs", 1, "[C] (sum of f h g)");
 
   check_dtype(a, "a", at::kFloat);
   TORCH_CHECK_TYPE(is_gate_type(gates.scalar_type()),
@@ -104,10 +107,14 @@ void check_gram_inputs(const at::Tensor& G, const at::Tensor& b, const at::Tenso
   check_accumulator(b, "b");
   check_accumulator(y, "y");
   check_accumulator(n, "n");
+  check_accumulator(zs, "zs");
+  check_accumulator(gs, "gs");
 
   check_same_device(G, "G", b, "b");
   check_same_device(G, "G", y, "y");
   check_same_device(G, "G", n, "n");
+  check_same_device(G, "G", zs, "zs");
+  check_same_device(G, "G", gs, "gs");
   check_same_device(G, "G", a, "a");
   check_same_device(G, "G", gates, "gates");
   check_same_device(G, "G", h, "h");
@@ -136,6 +143,9 @@ void check_gram_inputs(const at::Tensor& G, const at::Tensor& b, const at::Tenso
                     "]; got ", shape_str(b));
   TORCH_CHECK_VALUE(y.size(0) == C, "y must be [C] = [", C, "]; got ", shape_str(y));
   TORCH_CHECK_VALUE(n.size(0) == C, "n must be [C] = [", C, "]; got ", shape_str(n));
+  TORCH_CHECK_VALUE(zs.size(0) == C && zs.size(1) == K, "zs must be [C, K] = [", C, ", ", K,
+                    "]; got ", shape_str(zs));
+  TORCH_CHECK_VALUE(gs.size(0) == C, "gs must be [C] = [", C, "]; got ", shape_str(gs));
 }
 
 at::Tensor gate_pool_layout(const at::Tensor& A, Layout* layout) {

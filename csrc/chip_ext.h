@@ -2,8 +2,8 @@
 //
 // Two operators (DESIGN.md §1, §3):
 //   gate_pool(A [B,K,H,W], gates [B,N,K]) -> (gated [B*N,K,H,W], z [B,N,K] float32)
-//   gram_accumulate(G [C,K(K+1)/2] f64!, b [C,K] f64!, y [C] f64!, n [C] f64!,
-//                   a [B,K], gates [B,N,K], h [B,N], f [B,C], g [B,N,C]) -> ()
+//   gram_accumulate(G [C,K(K+1)/2] f64!, b [C,K] f64!, y [C] f64!, n [C] f64!, zs [C,K] f64!,
+//                   gs [C] f64!, a [B,K], gates [B,N,K], h [B,N], f [B,C], g [B,N,C]) -> ()
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,8 +27,9 @@ void check_gate_pool_inputs(const at::Tensor& A, const at::Tensor& gates);
 
 // Checks every argument of gram_accumulate; returns nothing, throws on the first problem.
 void check_gram_inputs(const at::Tensor& G, const at::Tensor& b, const at::Tensor& y,
-                       const at::Tensor& n, const at::Tensor& a, const at::Tensor& gates,
-                       const at::Tensor& h, const at::Tensor& f, const at::Tensor& g);
+                       const at::Tensor& n, const at::Tensor& zs, const at::Tensor& gs,
+                       const at::Tensor& a, const at::Tensor& gates, const at::Tensor& h,
+                       const at::Tensor& f, const at::Tensor& g);
 
 // "[8, 16, 256]"
 std::string shape_str(const at::Tensor& t);
@@ -62,14 +63,16 @@ std::tuple<at::Tensor, at::Tensor> new_gate_pool_outputs(const at::Tensor& A, La
 // ---- implementations ----
 std::tuple<at::Tensor, at::Tensor> gate_pool_cpu(const at::Tensor& A, const at::Tensor& gates);
 void gram_accumulate_cpu(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tensor& n,
-                         const at::Tensor& a, const at::Tensor& gates, const at::Tensor& h,
-                         const at::Tensor& f, const at::Tensor& g);
+                         at::Tensor& zs, at::Tensor& gs, const at::Tensor& a,
+                         const at::Tensor& gates, const at::Tensor& h, const at::Tensor& f,
+                         const at::Tensor& g);
 
 #ifdef CHIP_EXT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> gate_pool_cuda(const at::Tensor& A, const at::Tensor& gates);
 void gram_accumulate_cuda(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tensor& n,
-                          const at::Tensor& a, const at::Tensor& gates, const at::Tensor& h,
-                          const at::Tensor& f, const at::Tensor& g);
+                          at::Tensor& zs, at::Tensor& gs, const at::Tensor& a,
+                          const at::Tensor& gates, const at::Tensor& h, const at::Tensor& f,
+                          const at::Tensor& g);
 #endif
 
 // Byte budget for the temporaries of gram_accumulate (M_s chunks, partial products).

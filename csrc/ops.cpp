@@ -15,8 +15,9 @@ TORCH_LIBRARY(chip_ext, m) {
   m.def("gate_pool(Tensor A, Tensor gates) -> (Tensor gated, Tensor z)");
   // Adds one batch to the float64 sufficient statistics of the per-class weighted Lasso:
   //   G_c += sum_sn f_s^c h_sn z_sn z_sn^T (packed upper triangle), b_c += sum f h g^c z,
-  //   y_c += sum f h (g^c)^2, n_c += sum f h, with z_sn = gates_sn * a_s.
+  //   y_c += sum f h (g^c)^2, n_c += sum f h, with z_sn = gates_sn * a_s,
+  //   and the first moments for an intercept: zs_c += sum f h z, gs_c += sum f h g^c.
   m.def(
-      "gram_accumulate(Tensor(a!) G, Tensor(b!) b, Tensor(c!) y, Tensor(d!) n, Tensor a, "
-      "Tensor gates, Tensor h, Tensor f, Tensor g) -> ()");
+      "gram_accumulate(Tensor(a!) G, Tensor(b!) b, Tensor(c!) y, Tensor(d!) n, Tensor(e!) zs, "
+      "Tensor(f!) gs, Tensor a, Tensor gates, Tensor h, Tensor f, Tensor g) -> ()");
 }

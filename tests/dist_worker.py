@@ -3,6 +3,7 @@
     python dist_worker.py '{"rank": 0, "world": 2, "port": 1234, "out": "/tmp/x", ...}'
 
 Options (JSON): N (perturbations, 6), n_images (22), checkpoint (a path), shard (shard_accumulators),
+fit_intercept (distill's),
 timeout (seconds of the process group, 60), batch (distill's batch_size), die_after (this rank SIGKILLs itself when the loader is
 asked for that item), idle (this rank joins the group but never calls distill; it waits for
 another rank's .err file, then leaves).
@@ -47,8 +48,9 @@ def main():
                                ["conv1", "relu2"], num_perturbations=opt.get("N", 6), progress=False,
                                checkpoint=opt.get("checkpoint"), checkpoint_every=0,
                                shard_accumulators=opt.get("shard", False), batch_size=opt.get("batch"),
-                               **TIGHT)
-        torch.save({k: v for k, v in imp.weights.items()} | {"meta": imp.meta}, out / f"rank{rank}.pt")
+                               fit_intercept=opt.get("fit_intercept", False), **TIGHT)
+        torch.save({k: v for k, v in imp.weights.items()} | {"meta": imp.meta, "intercepts": imp.intercepts},
+                   out / f"rank{rank}.pt")
         dist.barrier()  # nobody tears the group down while another rank still uses it
     except Exception as err:  # noqa: BLE001
         (out / f"rank{rank}.err").write_text(f"{type(err).__name__}: {err}")

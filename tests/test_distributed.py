@@ -63,11 +63,11 @@ def errors(out):
     return {p.name: p.read_text() for p in Path(out).glob("*.err")}
 
 
-def single(n_images=22, N=6):
+def single(n_images=22, N=6, **kw):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n_images, 3, 10, 10, generator=g)
     return chip_ext.distill(InvariantCNN(), [x[i:i + 4] for i in range(0, n_images, 4)], ["conv1", "relu2"],
-                            num_perturbations=N, progress=False, **TIGHT)
+                            num_perturbations=N, progress=False, **kw, **TIGHT)
 
 
 def assert_ranks_equal_single(out, world, ref):
@@ -77,12 +77,25 @@ def assert_ranks_equal_single(out, world, ref):
         assert got["meta"]["empty_classes"] == ref.meta["empty_classes"]
         for layer in ("conv1", "relu2"):
             torch.testing.assert_close(got[layer].double(), ref.weights[layer].double(), rtol=0, atol=1e-10)
+            if ref.intercepts is not None:
+                torch.testing.assert_close(got["intercepts"][layer].double(), ref.intercepts[layer].double(),
+                                           rtol=0, atol=1e-10)
     return got["meta"]
 
 
 @pytest.fixture(scope="module")
 def ref():
     return single()
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+def test_ranks_give_the_single_process_intercepts(shard, tmp_path):
+    """fit_intercept under torch.distributed: the first-moment sums are reduced (replicated) or
+    accumulated from every rank's images (sharded) like the others."""
+    ref = single(fit_intercept=True)
+    assert ref.intercepts is not None and bool((ref.intercepts["relu2"] != 0).any())
+    assert launch(2, tmp_path, shard=shard, fit_intercept=True) == [0, 0], errors(tmp_path)
+    assert_ranks_equal_single(tmp_path, 2, ref)
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
@@ -246,6 +259,15 @@ def test_torchrun_cli_equals_single_process(cli_one, tmp_path):
     assert two.meta["world_size"] == 2 and not two.meta["resumed"]
     # float32 network, batches composed differently per rank: equal up to float32 rounding
     torch.testing.assert_close(two.weights["1"], one.weights["1"], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_solver_options(cli_one, tmp_path):
+    """chip-ext distill --fit-intercept --positive reaches the solver: non-negative W, intercepts kept."""
+    root, one = cli_one
+    got, _ = cli_distill(root, tmp_path / "opt.pt", extra=["--fit-intercept", "--positive", "--max-iter", "500"])
+    assert got.meta["fit_intercept"] and got.meta["positive"] and got.meta["max_iter"] == 500
+    assert bool((got.weights["1"] >= 0).all()) and got.intercepts is not None
+    assert got.intercepts["1"].shape == (2,)
 
 
 def test_torchrun_restarts_a_killed_worker_and_resumes(cli_one, tmp_path):

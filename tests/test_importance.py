@@ -20,6 +20,26 @@ def test_save_load_roundtrip_weights_only(tmp_path):
     assert torch.equal(back.weights["a"], imp.weights["a"]) and back.meta["seed"] == 1
 
 
+def test_intercepts_roundtrip_and_old_files(tmp_path):
+    W = {"a": torch.rand(2, 3)}
+    imp = Importance(W, [7, 3], intercepts={"a": torch.tensor([0.5, -1.0])})
+    imp.save(tmp_path / "i.pt")
+    back = Importance.load(tmp_path / "i.pt")
+    assert torch.equal(back.intercepts["a"], torch.tensor([0.5, -1.0]))
+    assert torch.load(tmp_path / "i.pt", weights_only=True)["format_version"] == 2
+    # a version-1 file (no intercepts) still loads
+    state = make().state_dict()
+    state["format_version"] = 1
+    del state["intercepts"]
+    torch.save(state, tmp_path / "v1.pt")
+    old = Importance.load(tmp_path / "v1.pt")
+    assert old.intercepts is None and old.layers == ["a", "b"]
+    with pytest.raises(ValueError, match=r"intercepts\['a'\] must be a Tensor\[C\] with C=2; got \[3\]"):
+        Importance(W, [7, 3], intercepts={"a": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"intercepts must have the layers of weights \['a'\]; got \['b'\]"):
+        Importance(W, [7, 3], intercepts={"b": torch.zeros(2)})
+
+
 def test_top_channels():
     imp = make()
     idx, val = imp.top_channels(7, 2, layer="a")

@@ -94,7 +94,7 @@ def check_gram(a, gates, h, f, g, rtol=None):
     gram_accumulate_reference(*ref, a.cpu(), gates.cpu(), h.cpu(), f.cpu(), g.cpu())
     if rtol is None:
         rtol = 1e-11 if device.type == "cpu" else 2e-6
-    for name, got, want, s0 in zip("Gbyn", acc, ref, start):
+    for name, got, want, s0 in zip(chip_ext.Accumulators._fields, acc, ref, start):
         assert got.dtype == torch.float64 and got.device == device
         assert not torch.isnan(got).any(), f"{name} has NaN"
         inc_got, inc_want = got.cpu() - s0, want - s0
@@ -224,8 +224,8 @@ def test_gram_by_hand(device):
     h = torch.tensor([[1.0, 0.5]], device=device)
     f = torch.tensor([[0.5]], device=device)
     g = torch.tensor([[[0.8], [0.4]]], device=device)
-    G, b, y, n = chip_ext.new_accumulators(1, 2, device)
-    chip_ext.gram_accumulate(G, b, y, n, a, gates, h, f, g)
+    G, b, y, n, zs, gs = chip_ext.new_accumulators(1, 2, device)
+    chip_ext.gram_accumulate(G, b, y, n, zs, gs, a, gates, h, f, g)
     # z1 = (2, 3), w1 = f*h = 0.5;  z2 = (2, 0), w2 = 0.25
     # G = 0.5 * [[4, 6], [6, 9]] + 0.25 * [[4, 0], [0, 0]] -> packed (00, 01, 11) = (3, 3, 4.5)
     assert torch.allclose(G.cpu(), torch.tensor([[3.0, 3.0, 4.5]], dtype=torch.float64))
@@ -234,6 +234,9 @@ def test_gram_by_hand(device):
     # y = 0.5*0.64 + 0.25*0.16 = 0.36;  n = 0.75
     assert torch.allclose(y.cpu(), torch.tensor([0.36], dtype=torch.float64))
     assert torch.allclose(n.cpu(), torch.tensor([0.75], dtype=torch.float64))
+    # zs = 0.5*(2,3) + 0.25*(2,0) = (1.5, 1.5);  gs = 0.5*0.8 + 0.25*0.4 = 0.5
+    assert torch.allclose(zs.cpu(), torch.tensor([[1.5, 1.5]], dtype=torch.float64))
+    assert torch.allclose(gs.cpu(), torch.tensor([0.5], dtype=torch.float64))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

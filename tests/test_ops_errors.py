@@ -33,8 +33,8 @@ def test_gate_pool_bad_inputs(A, gates, exc, pattern):
 
 
 def gram_args(B=2, N=3, K=4, C=5):
-    G, b, y, n = chip_ext.new_accumulators(C, K)
-    return dict(G=G, b=b, y=y, n=n, a=torch.rand(B, K), gates=d_(B, N, K), h=torch.rand(B, N),
+    G, b, y, n, zs, gs = chip_ext.new_accumulators(C, K)
+    return dict(G=G, b=b, y=y, n=n, zs=zs, gs=gs, a=torch.rand(B, K), gates=d_(B, N, K), h=torch.rand(B, N),
                 f=torch.rand(B, C), g=torch.rand(B, N, C))
 
 
@@ -53,6 +53,10 @@ BAD_GRAM = [
     ("G", torch.zeros(5, 11, dtype=torch.float64), ValueError, r"G must be \[C, K\(K\+1\)/2\] = \[5, 10\] for C=5, K=4; got \[5, 11\]"),
     ("b", torch.zeros(5, 3, dtype=torch.float64), ValueError, r"b must be \[C, K\] = \[5, 4\]; got \[5, 3\]"),
     ("n", torch.zeros(4, dtype=torch.float64), ValueError, r"n must be \[C\] = \[5\]; got \[4\]"),
+    ("zs", torch.zeros(5, 3, dtype=torch.float64), ValueError, r"zs must be \[C, K\] = \[5, 4\]; got \[5, 3\]"),
+    ("zs", torch.zeros(5, dtype=torch.float64), ValueError, r"zs must be a 2-D tensor \[C, K\] \(sum of f h z\)"),
+    ("gs", torch.zeros(6, dtype=torch.float64), ValueError, r"gs must be \[C\] = \[5\]; got \[6\]"),
+    ("gs", torch.zeros(5), TypeError, r"gs is a running sum and must be float64"),
 ]
 
 

@@ -27,12 +27,16 @@ def test_gram_reference_against_loops():
     b = torch.zeros(C, K, dtype=torch.float64)
     y = torch.zeros(C, dtype=torch.float64)
     n = torch.zeros(C, dtype=torch.float64)
-    gram_accumulate_reference(G, b, y, n, a, gates, h, f, g)
+    zs = torch.zeros(C, K, dtype=torch.float64)
+    gs = torch.zeros(C, dtype=torch.float64)
+    gram_accumulate_reference(G, b, y, n, zs, gs, a, gates, h, f, g)
 
     G_loop = torch.zeros(C, K, K, dtype=torch.float64)
     b_loop = torch.zeros(C, K, dtype=torch.float64)
     y_loop = torch.zeros(C, dtype=torch.float64)
     n_loop = torch.zeros(C, dtype=torch.float64)
+    zs_loop = torch.zeros(C, K, dtype=torch.float64)
+    gs_loop = torch.zeros(C, dtype=torch.float64)
     for c in range(C):
         for s in range(B):
             for p in range(N):
@@ -42,7 +46,11 @@ def test_gram_reference_against_loops():
                 b_loop[c] += w * float(g[s, p, c]) * z
                 y_loop[c] += w * float(g[s, p, c]) ** 2
                 n_loop[c] += w
+                zs_loop[c] += w * z
+                gs_loop[c] += w * float(g[s, p, c])
     torch.testing.assert_close(unpack_triu(G, K), G_loop, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b, b_loop, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, y_loop, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(n, n_loop, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(zs, zs_loop, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gs, gs_loop, rtol=1e-12, atol=1e-12)

@@ -6,6 +6,7 @@
 //   G  += F^T M                                  one GEMM       [C, Bc] x [Bc, P]
 //   b  += U^T Z,  U[(s,n),c] = f_sc h_sn g_snc,  Z[(s,n),k] = d_snk a_sk     one GEMM
 //   y  += sum_(s,n) U ⊙ g,    n += F^T (sum_n h_sn)
+//   zs += F^T (sum_n h_sn z_sn),  gs += sum_(s,n) U      (first moments, for an intercept)
 // No loop over classes or perturbations: those dimensions live inside GEMMs.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,9 +34,10 @@ void pack_weighted(const double* Q, const double* a, double* M, int64_t Bc, int6
 }  // namespace
 
 void gram_accumulate_cpu(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tensor& n,
-                         const at::Tensor& a_in, const at::Tensor& gates_in, const at::Tensor& h_in,
-                         const at::Tensor& f_in, const at::Tensor& g_in) {
-  check_gram_inputs(G, b, y, n, a_in, gates_in, h_in, f_in, g_in);
+                         at::Tensor& zs, at::Tensor& gs, const at::Tensor& a_in,
+                         const at::Tensor& gates_in, const at::Tensor& h_in, const at::Tensor& f_in,
+                         const at::Tensor& g_in) {
+  check_gram_inputs(G, b, y, n, zs, gs, a_in, gates_in, h_in, f_in, g_in);
   TORCH_CHECK(G.device().is_cpu(), "gram_accumulate_cpu: G is on ", G.device());
   const int64_t B = a_in.size(0), K = a_in.size(1), N = gates_in.size(1), C = f_in.size(1);
   const int64_t P = packed_size(K);
@@ -68,6 +70,10 @@ void gram_accumulate_cpu(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tensor
     // y += sum f h g^2,  n += sum f h
     y.add_((U * g.reshape({bc * N, C})).sum(0));
     n.addmv_(f.t(), h.sum(1));
+
+    // zs += F^T (sum_n h_sn z_sn),  gs += sum f h g
+    zs.addmm_(f.t(), at::bmm(h.unsqueeze(1), d).squeeze(1) * a);
+    gs.add_(U.sum(0));
   }
 }
 

@@ -5,6 +5,7 @@
 //   G  += F^T M                                          cuBLAS SGEMM, float32 operands, TF32 off,
 //                                                        column chunks added into the float64 sums
 //   b  += U^T Z,  y += sum U ⊙ g,  n += F^T sum_n h      float32 GEMM/reductions, added in float64
+//   zs += F^T (sum_n h_sn z_sn),  gs += sum U           (first moments, for an intercept)
 // All on the current stream; launch errors checked.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -88,9 +89,10 @@ struct NoTF32 {
 }  // namespace
 
 void gram_accumulate_cuda(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tensor& n,
-                          const at::Tensor& a_in, const at::Tensor& gates_in, const at::Tensor& h_in,
-                          const at::Tensor& f_in, const at::Tensor& g_in) {
-  check_gram_inputs(G, b, y, n, a_in, gates_in, h_in, f_in, g_in);
+                          at::Tensor& zs, at::Tensor& gs, const at::Tensor& a_in,
+                          const at::Tensor& gates_in, const at::Tensor& h_in, const at::Tensor& f_in,
+                          const at::Tensor& g_in) {
+  check_gram_inputs(G, b, y, n, zs, gs, a_in, gates_in, h_in, f_in, g_in);
   TORCH_CHECK(G.is_cuda(), "gram_accumulate_cuda: G is on ", G.device());
   const c10::cuda::CUDAGuard guard(G.device());
   const NoTF32 no_tf32;
@@ -133,6 +135,8 @@ void gram_accumulate_cuda(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tenso
     b.add_(at::mm(U.t(), Z));
     y.add_((U * g.reshape({bc * N, C})).sum(0));
     n.add_(at::mv(ft, h.sum(1)));
+    zs.add_(at::mm(ft, at::bmm(h.unsqueeze(1), d).squeeze(1) * a));
+    gs.add_(U.sum(0));
   }
 }
 
