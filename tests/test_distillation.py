@@ -141,6 +141,42 @@ def test_planted_deep_map_at_default_solver_settings(bias):
         assert imp.intercepts is None
 
 
+def test_planted_statistics_agree_with_sklearn(tmp_path):
+    """The solver on the planted run's real sums against scikit-learn's Lasso on a data set with exactly
+    those statistics: fit_intercept False/True x positive False/True, lam from 1e-3 to 0.3 lambda_max."""
+    from sklearn.linear_model import Lasso
+
+    from chip_ext.packing import unpack_triu
+    from chip_ext.reference import equivalent_data
+    from chip_ext.solver import admm_lasso, lambda_max
+
+    ck = tmp_path / "planted.ckpt"
+    chip_ext.distill(PlantedDeep(bias=True), planted_images(), "features.3", num_perturbations=48, target="logit",
+                     seed=3, progress=False, checkpoint=ck)
+    G, b, _, n, zs, gs = torch.load(ck, weights_only=True)["layers"]["features.3"]["acc"]
+    G, b, xm, ym = unpack_triu(G, 16) / n[:, None, None], b / n[:, None], zs / n[:, None], gs / n
+    for fit_intercept in (False, True):
+        means = dict(x_mean=xm, y_mean=ym) if fit_intercept else {}
+        for positive in (False, True):
+            for ratio in (1e-3, 1e-2, 0.1, 0.3):
+                lam = ratio * lambda_max(b, positive=positive, **means)
+                W, info = admm_lasso(G, b, lam, fit_intercept=fit_intercept, positive=positive, **means)
+                assert bool(info.converged.all())
+                for c in range(5):
+                    if float(lam[c]) == 0.0:  # positive and no channel raises the score: w = 0 is optimal
+                        assert positive and torch.all(W[c] == 0)
+                        continue
+                    X, y = equivalent_data(G[c], b[c], xm[c] if fit_intercept else None,
+                                           ym[c] if fit_intercept else None)
+                    ref = Lasso(alpha=float(lam[c]), fit_intercept=fit_intercept, positive=positive, tol=1e-13,
+                                max_iter=10**6).fit(X.numpy(), y.numpy())
+                    scale = max(float(abs(ref.coef_).max()), 1e-12)
+                    err = float((W[c] - torch.from_numpy(ref.coef_)).abs().max()) / scale
+                    assert err <= 1e-5, (fit_intercept, positive, ratio, c, err)
+                    if fit_intercept:
+                        assert abs(float(info.intercept[c]) - ref.intercept_) <= 1e-5 * max(1.0, abs(ref.intercept_))
+
+
 def test_without_intercept_a_head_bias_leaks_into_the_weights():
     model = PlantedDeep(bias=True)
     imp = chip_ext.distill(model, planted_images(), "features.3", num_perturbations=48, target="logit",

@@ -1,4 +1,5 @@
 """The float64 references themselves, against loops that follow DESIGN §1 literally."""
+import pytest
 import torch
 
 from chip_ext.packing import unpack_triu
@@ -54,3 +55,30 @@ def test_gram_reference_against_loops():
     torch.testing.assert_close(n, n_loop, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(zs, zs_loop, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gs, gs_loop, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_equivalent_data_has_the_given_statistics(centred):
+    from chip_ext.reference import equivalent_data
+
+    g = torch.Generator().manual_seed(0)
+    Z = torch.rand(300, 6, generator=g, dtype=torch.float64) + 1.0
+    w = torch.rand(300, generator=g, dtype=torch.float64)
+    t = Z @ torch.randn(6, generator=g, dtype=torch.float64) + 0.1 * torch.randn(300, generator=g, dtype=torch.float64)
+    G = (Z.T * w) @ Z / w.sum()
+    b = (Z.T * w) @ t / w.sum()
+    mu, ybar = w @ Z / w.sum(), w @ t / w.sum()
+    X, y = equivalent_data(G, b, mu if centred else None, ybar if centred else None)
+    n = X.shape[0]
+    if centred:
+        assert n == 12
+        torch.testing.assert_close(X.mean(0), mu)
+        torch.testing.assert_close(y.mean(), ybar)
+        Xc, yc = X - mu, y - ybar
+        torch.testing.assert_close(Xc.T @ Xc / n, G - torch.outer(mu, mu))
+        torch.testing.assert_close(Xc.T @ yc / n, b - mu * ybar)
+    else:
+        torch.testing.assert_close(X.T @ X / n, G)
+        torch.testing.assert_close(X.T @ y / n, b)
+    with pytest.raises(ValueError, match="positive definite"):
+        equivalent_data(torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
