@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import time
 import warnings
@@ -306,7 +307,9 @@ def main() -> int:
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--skip-planted", action="store_true")
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--data", type=Path, default=Path(os.environ.get(
+        "CHIP_EXT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")),
+        help="the shared data folder (default: $CHIP_EXT_DATA or ../shared/data from the project root)")
     p.add_argument("--per-class", type=int, default=100, help="train images per class for the real statistics")
     p.add_argument("--work", type=Path, default=Path("/tmp/chip_ext_bench"),
                    help="folder for the checkpointed statistics of the real part (reused)")
