@@ -19,17 +19,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import distributed, ops
+from .checkpoints import (choose_resume_point, foreign_checkpoints, list_rank_checkpoints, rank_checkpoint,
+                          read_checkpoint, write_checkpoint)
+from .distributed import class_block
 from .gates import GATE_STREAM, default_sigma, proximity, sample_gates
-from .importance import Importance, atomic_save
-from .packing import unpack_triu
-from .solver import admm_lasso, lambda_max, working_bytes
+from .importance import Importance
+from .solver import solve_sums, solver_report
 from .split import split
 
 DEFAULT_LAM_RATIO = 0.1
-CHECKPOINT_FORMAT = "chip_ext.distill.checkpoint"
-# 3: the first moments Σ f h z and Σ f h g (for fit_intercept) join the sums. 1-2 lack them.
-CHECKPOINT_VERSION = 3
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -96,27 +95,6 @@ def _fmt_bytes(n: float) -> str:
     if n < 2**20:
         return f"{n / 2**10:.1f} KiB"
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _check_ranks_agree(config: dict) -> None:
-    """Every rank must distil with the same configuration and model; else fail on every rank."""
-    import torch.distributed as dist
-
-    configs = [None] * dist.get_world_size()
-    dist.all_gather_object(configs, config)
-    differ = sorted({k for c in configs for k in c if c.get(k) != configs[0].get(k)})
-    if differ:
-        raise ValueError(f"torch.distributed ranks disagree on {differ}: "
-                         + "; ".join(f"rank {r}: {[c.get(k) for k in differ]}" for r, c in enumerate(configs))
-                         + ". Every rank must call distill with the same model and arguments.")
 
 
 class _Stages:
@@ -260,11 +238,11 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         "target": _target_name(target), "seed": int(seed), "model": model_fingerprint(model),
         "gates": GATE_STREAM,
     }
-    rank, world = _dist_rank_world()
+    rank, world = distributed.rank_world()
     config["shard_accumulators"] = bool(shard_accumulators) and world > 1  # what the checkpoint sums mean
     if world > 1:
         dataset = getattr(loader, "dataset", None)
-        _check_ranks_agree({**config, "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter,
+        distributed.check_ranks_agree({**config, "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter,
                             "tol": tol, "fit_intercept": fit_intercept, "positive": positive,
                             "max_images": max_images, "batch_size": batch_size,
                             "checkpoint": None if checkpoint is None else Path(checkpoint).name,
@@ -333,44 +311,6 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
                       intercepts=intercepts if fit_intercept else None)
 
 
-def class_block(C: int, rank: int, world: int) -> tuple[int, int]:
-    """The classes [c0, c1) (positions in `classes`) that rank `rank` of `world` solves and, with
-    shard_accumulators, accumulates: contiguous blocks of nearly equal size."""
-    return C * rank // world, C * (rank + 1) // world
-
-
-def rank_checkpoint(path: Path, rank: int, world: int, key: int | str) -> Path:
-    """The file of rank `rank` of `world` at loader position `key` (an int) or "complete"."""
-    tail = "complete" if key == "complete" else f"pos{int(key)}"
-    return path.with_name(f"{path.name}.rank{rank}of{world}.{tail}")
-
-
-def list_rank_checkpoints(path: Path) -> dict[tuple[int, int], list[int | str]]:
-    """{(rank, world): [keys]} of the per-rank checkpoint files beside `path`."""
-    import re
-
-    pattern = re.compile(re.escape(path.name) + r"\.rank(\d+)of(\d+)\.(complete|pos(\d+))$")
-    found: dict[tuple[int, int], list[int | str]] = {}
-    if path.parent.is_dir():
-        for f in path.parent.iterdir():
-            m = pattern.match(f.name)
-            if m:
-                key = "complete" if m.group(3) == "complete" else int(m.group(4))
-                found.setdefault((int(m.group(1)), int(m.group(2))), []).append(key)
-    return found
-
-
-def choose_resume_point(keys_per_rank: Sequence[Sequence[int | str]]) -> int | str | None:
-    """Where every rank can resume from: "complete" when every rank has its finished file, else the
-    latest loader position that every rank saved (ranks keep two generations, so a rank killed while
-    saving still shares the previous one), else None (start over)."""
-    if all("complete" in keys for keys in keys_per_rank):
-        return "complete"
-    positions = [{k for k in keys if k != "complete"} for keys in keys_per_rank]
-    common = set.intersection(*positions) if positions else set()
-    return max(common) if common else None
-
-
 class _Run:
     """The state of one distillation pass: accumulators, position, and the per-batch work.
 
@@ -397,14 +337,13 @@ class _Run:
         self.empty_classes: dict[str, list[int]] = {}
         self._class_index: Tensor | None = None
         self._checks: list[tuple[Tensor, str, list[int]]] = []
-        # NCCL collectives need CUDA tensors; gloo takes CPU ones
-        self.comm_device = device if world > 1 and _backend() == "nccl" else torch.device("cpu")
+        self.comm_device = distributed.comm_device(device, world)
 
     # ---------------------------------------------------------------- checkpoints
 
     def _state(self) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config, "seen": self.seen,
+            "config": self.config, "seen": self.seen,
             "position": self.position, "complete": self.complete, "classes": self.classes,
             "num_outputs": self.num_outputs, "world": self.world, "rank": self.rank,
             "layers": {s.name: {"shape": s.shape, "sigma": s.sigma, "rows": s.rows,
@@ -413,37 +352,10 @@ class _Run:
         }
 
     def save(self, path) -> None:
-        path = Path(path)
-        if self.world == 1:
-            atomic_save(self._state(), path)
-            return
-        key = "complete" if self.complete else self.position
-        atomic_save(self._state(), rank_checkpoint(path, self.rank, self.world, key))
-        # keep the newest position file besides this one: a rank killed while saving still shares it
-        keys = list_rank_checkpoints(path).get((self.rank, self.world), [])
-        positions = sorted((k for k in keys if k != "complete"), reverse=True)
-        for k in positions[1:] if key == "complete" else positions[2:]:
-            rank_checkpoint(path, self.rank, self.world, k).unlink(missing_ok=True)
+        write_checkpoint(self._state(), Path(path), self.rank, self.world)
 
     def _load(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"checkpoint {path} cannot be read (corrupt or not a chip_ext checkpoint): {err}") from err
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a chip_ext distillation checkpoint")
-        version = state.get("version", 1)
-        if version != CHECKPOINT_VERSION:
-            why = ("it was written by an older chip_ext and lacks the first-moment sums (Σ f h z, Σ f h g) "
-                   "that fit_intercept needs" if version < CHECKPOINT_VERSION else "it was written by a newer chip_ext")
-            raise ValueError(f"checkpoint {path} has format version {version}; this chip_ext reads version "
-                             f"{CHECKPOINT_VERSION}: {why}. Distil again with another checkpoint path "
-                             "(or delete the file)")
-        if state["config"] != self.config:
-            diff = {k: (state["config"].get(k), v) for k, v in self.config.items() if state["config"].get(k) != v}
-            raise ValueError(
-                f"checkpoint {path} was written by a different configuration; differing (checkpoint, now): "
-                f"{diff}. Use another checkpoint path or the same arguments and model.")
+        state = read_checkpoint(path, self.config)
         self.seen, self.complete = int(state["seen"]), bool(state["complete"])
         self.position = int(state["position"])
         self.resumed_at = self.position
@@ -457,27 +369,11 @@ class _Run:
             if saved["acc"] is not None:
                 s.acc = ops.Accumulators(*(t.to(self.device) for t in saved["acc"]))
 
-    def _foreign_checkpoints(self, path: Path, found: dict) -> str | None:
-        """Why the files at `path` (rank files `found` by list_rank_checkpoints) cannot be resumed
-        with this number of processes, or None."""
-        others = sorted({w for (_, w) in found if w != self.world})
-        if self.world == 1 and others:
-            return (f"{path} does not exist, but per-rank checkpoints of a run with {others[0]} processes "
-                    f"do ({path.name}.rank*of{others[0]}.*): resume with torchrun --nproc_per_node... "
-                    f"giving {others[0]} processes in all, or pass another checkpoint path")
-        if self.world > 1 and path.exists():
-            return (f"{path} is a single-process checkpoint; resume it without torch.distributed, or "
-                    f"pass another checkpoint path")
-        if self.world > 1 and others and not found.get((self.rank, self.world)):
-            return (f"the checkpoints at {path} were written by {others} processes, not {self.world}; "
-                    f"resume with the same number of processes, or pass another checkpoint path")
-        return None
-
     def resume(self, path) -> bool:
         path = Path(path)
         found = list_rank_checkpoints(path)
+        problem = foreign_checkpoints(path, found, self.rank, self.world)
         if self.world == 1:
-            problem = self._foreign_checkpoints(path, found)
             if problem:
                 raise ValueError(problem)
             if not path.exists():
@@ -485,10 +381,9 @@ class _Run:
             self._load(path)
             return True
         # every rank must take the same decision, and every rank must fail when one cannot go on
-        problem = self._foreign_checkpoints(path, found)
         keys = found.get((self.rank, self.world), [])
-        gathered = self._all_gather_object((keys, problem))
-        self._raise_if_any([p for _, p in gathered])
+        gathered = distributed.all_gather_object((keys, problem))
+        distributed.raise_if_any([p for _, p in gathered])
         choice = choose_resume_point([k for k, _ in gathered])
         if choice is None:
             return False
@@ -497,33 +392,14 @@ class _Run:
             self._load(rank_checkpoint(path, self.rank, self.world, choice))
         except ValueError as err:
             problem = str(err)
-        self._raise_if_any(self._all_gather_object(problem))
+        distributed.raise_if_any(distributed.all_gather_object(problem))
         return True
-
-    def _all_gather_object(self, obj) -> list:
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    @staticmethod
-    def _raise_if_any(problems: list) -> None:
-        bad = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
-        if bad:
-            raise ValueError("; ".join(bad))
 
     def _time_to_save(self, last_save: float, every: float) -> bool:
         """Whether to save now; under torch.distributed all ranks decide together (a 1-int all-reduce),
         so their files hold the same loader position."""
         due = time.monotonic() - last_save >= every
-        if self.world == 1:
-            return due
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(due)], dtype=torch.int32, device=self.comm_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return due if self.world == 1 else distributed.any_rank(due, self.comm_device)
 
     # ---------------------------------------------------------------- streaming
 
@@ -722,14 +598,12 @@ class _Run:
         """Sharded accumulators: this rank forwards its images x (None when it has none in this chunk),
         every rank's per-image statistics are all-gathered, and this rank adds all of them to its
         class block. counts[r]: images of rank r in this chunk (every rank calls this per chunk)."""
-        import torch.distributed as dist
-
         if x is not None:
             x = x.to(self.device, non_blocking=True)
         for s in self.states:
             stats = self._statistics(s, x, indices) if x is not None else None
             if s.acc is None:  # first chunk: ranks without images learn K and C from the others
-                facts = self._all_gather_object(None if stats is None else (s.shape, self.num_outputs))
+                facts = distributed.all_gather_object(None if stats is None else (s.shape, self.num_outputs))
                 known = [f for f in facts if f is not None]
                 if any(f[0][0] != known[0][0][0] or f[1] != known[0][1] for f in known):
                     raise ValueError(f"ranks see different shapes at layer {s.name!r}: (shape, outputs) per "
@@ -747,12 +621,7 @@ class _Run:
                     B = a.shape[0]
                     floats[:B] = torch.cat([a, h, f, g.reshape(B, N * C)], dim=1)
                     gates[:B] = gate
-                floats_all = [torch.empty_like(floats, device=self.comm_device) for _ in range(self.world)]
-                gates_all = [torch.empty_like(gates, device=self.comm_device) for _ in range(self.world)]
-                dist.all_gather(floats_all, floats.to(self.comm_device))
-                dist.all_gather(gates_all, gates.to(self.comm_device))
-                floats = torch.cat([t[:c] for t, c in zip(floats_all, counts)]).to(self.device)
-                gates = torch.cat([t[:c] for t, c in zip(gates_all, counts)]).to(self.device)
+                floats, gates = distributed.exchange_rows(floats, gates, counts, self.comm_device, self.device)
             c0, c1 = s.rows
             total = floats.shape[0]
             a, h = floats[:, :K], floats[:, K:K + N]
@@ -769,9 +638,7 @@ class _Run:
         """After the stream under torch.distributed: the total image count, and (replicated
         accumulators) the sums of class block r reduced onto rank r. Fails on every rank when no rank
         saw an image. Ranks that saw no image take the shapes from the others."""
-        import torch.distributed as dist
-
-        facts = self._all_gather_object({"seen": self.seen, "num_outputs": self.num_outputs,
+        facts = distributed.all_gather_object({"seen": self.seen, "num_outputs": self.num_outputs,
                                          "layers": {s.name: (s.shape, s.sigma) for s in self.states}})
         total = sum(f["seen"] for f in facts)
         if total == 0:
@@ -786,17 +653,9 @@ class _Run:
             self._allocate(s)
             if self.shard:
                 continue  # every rank already holds its block's sums over all images
-            mine = class_block(C, self.rank, self.world)
-            for t in s.acc:
-                for r in range(self.world):
-                    c0, c1 = class_block(C, r, self.world)
-                    part = t[c0:c1]
-                    buf = part.to(self.comm_device)  # part itself when already there
-                    dist.reduce(buf, dst=r, op=dist.ReduceOp.SUM)
-                    if r == self.rank and buf is not part:
-                        part.copy_(buf)
-            s.acc = ops.Accumulators(*(t[mine[0]:mine[1]].clone() for t in s.acc))
-            s.rows = mine
+            s.acc = ops.Accumulators(*distributed.reduce_class_blocks(tuple(s.acc), self.rank, self.world,
+                                                                     self.comm_device))
+            s.rows = class_block(C, self.rank, self.world)
         self.seen = total
 
     # ---------------------------------------------------------------- solve
@@ -808,89 +667,23 @@ class _Run:
         weights, intercepts, lams, solver_meta = {}, {}, {}, {}
         C = len(self.classes)
         for s in self.states:
-            G, b, y, n, zs, gs = s.acc
-            K = s.shape[0]
-            r0, _ = s.rows
-            W = torch.zeros(C, K, dtype=torch.float64)
-            b0 = torch.zeros(C, dtype=torch.float64)
-            lam_c = torch.zeros(C, dtype=torch.float64)
-            valid = (n > 0).nonzero().flatten().cpu()
-            empty = [self.classes[r0 + i] for i in (n <= 0).nonzero().flatten().tolist()]
-            chunk = max(1, working_bytes(G.device) // (4 * 8 * K * K))  # Ĝ, its factor and temporaries
-            report = {"class": [], "iterations": [], "converged": [], "primal": [], "dual": [],
-                      "polished": [], "factorizations": 0}
-            for c0 in range(0, len(valid), chunk):
-                rows = valid[c0:c0 + chunk].to(G.device)
-                nn_ = n[rows]
-                G_hat = unpack_triu(G[rows], K) / nn_[:, None, None]
-                b_hat = b[rows] / nn_[:, None]
-                means = dict(x_mean=zs[rows] / nn_[:, None], y_mean=gs[rows] / nn_) if fit_intercept else {}
-                lam_rows = (torch.full_like(nn_, float(lam)) if lam is not None
-                            else lam_ratio * lambda_max(b_hat, positive=positive, **means))
-                Wc, info = admm_lasso(G_hat, b_hat, lam_rows, rho=rho, max_iter=max_iter, tol=tol,
-                                      fit_intercept=fit_intercept, positive=positive, warn=False, **means)
-                at = rows.cpu() + r0
-                W[at] = Wc.cpu()
-                lam_c[at] = lam_rows.cpu()
-                if info.intercept is not None:
-                    b0[at] = info.intercept
-                report["class"] += [self.classes[int(r)] for r in at]
-                for key, value in (("iterations", info.iterations), ("converged", info.converged),
-                                   ("primal", info.primal_residual), ("dual", info.dual_residual),
-                                   ("polished", info.polished)):
-                    report[key] += value.tolist()
-                report["factorizations"] += info.factorizations
+            G, b, _, n, zs, gs = s.acc
+            r0, r1 = s.rows
+            W, b0, lam_c = (torch.zeros(C, s.shape[0], dtype=torch.float64), torch.zeros(C, dtype=torch.float64),
+                            torch.zeros(C, dtype=torch.float64))
+            W[r0:r1], b0[r0:r1], lam_c[r0:r1], report = solve_sums(
+                G, b, n, zs, gs, s.shape[0], lam=lam, lam_ratio=lam_ratio, rho=rho, max_iter=max_iter, tol=tol,
+                fit_intercept=fit_intercept, positive=positive)
+            report["rows"] = [r0 + r for r in report["rows"]]
+            report["empty"] = [r0 + r for r in report["empty"]]
             if self.world > 1:
-                W, b0, lam_c, report, empty = self._gather_solution(W, b0, lam_c, report, empty)
+                W, b0, lam_c = distributed.sum_rows((W, b0, lam_c), self.comm_device)
+                parts = distributed.all_gather_object(report)  # blocks in rank order: the classes' order
+                report = {key: ([v for p in parts for v in p[key]] if key != "factorizations"
+                                else sum(p[key] for p in parts)) for key in report}
             weights[s.name] = W.float()
             intercepts[s.name] = b0.float()
             lams[s.name] = lam_c
-            self.empty_classes[s.name] = empty
-            solver_meta[s.name] = _solver_report(s.name, report, max_iter)
+            self.empty_classes[s.name] = [self.classes[r] for r in report["empty"]]
+            solver_meta[s.name] = solver_report(s.name, report, self.classes, max_iter)
         return weights, intercepts, lams, solver_meta
-
-    def _gather_solution(self, W, b0, lam_c, report, empty):
-        """Every rank holds its classes' rows (zeros elsewhere); the sum over ranks is the whole."""
-        import torch.distributed as dist
-
-        W, b0, lam_c = W.to(self.comm_device), b0.to(self.comm_device), lam_c.to(self.comm_device)
-        for t in (W, b0, lam_c):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        parts = self._all_gather_object((report, empty))
-        merged = {key: [v for p in parts for v in p[0][key]] for key in report if key != "factorizations"}
-        merged["factorizations"] = sum(p[0]["factorizations"] for p in parts)
-        empty = [c for p in parts for c in p[1]]  # blocks in rank order: the classes' order
-        return W.cpu(), b0.cpu(), lam_c.cpu(), merged, empty
-
-
-def _solver_report(layer: str, report: dict, max_iter: int) -> dict:
-    """imp.meta["solver"][layer]: iterations, convergence, factorisations, and the warning text."""
-    it = torch.tensor(report["iterations"], dtype=torch.long)
-    ok = torch.tensor(report["converged"], dtype=torch.bool)
-    bad = (~ok).nonzero().flatten().tolist()
-    message = None
-    if bad:
-        primal = torch.tensor(report["primal"], dtype=torch.float64)
-        dual = torch.tensor(report["dual"], dtype=torch.float64)
-        worst = max(bad, key=lambda i: max(float(primal[i]), float(dual[i])))
-        message = (f"layer {layer!r}: {len(bad)} of {len(ok)} classes did not converge in max_iter={max_iter} "
-                   f"ADMM iterations (classes {[report['class'][i] for i in bad[:10]]}"
-                   f"{' ...' if len(bad) > 10 else ''}; worst: class {report['class'][worst]}, primal residual "
-                   f"{float(primal[worst]):.2e}, dual residual {float(dual[worst]):.2e} at unit scale). Their W "
-                   "is approximate: raise max_iter, loosen tol, raise lam/lam_ratio, or distil more images "
-                   "(images x N well above K)")
-    return {
-        "iterations_max": int(it.max()) if len(it) else 0,
-        "iterations_mean": float(it.float().mean()) if len(it) else 0.0,
-        "converged": not bad,
-        "not_converged_classes": [report["class"][i] for i in bad[:100]],
-        "polished": int(sum(report["polished"])),
-        "factorizations": int(report["factorizations"]),
-        "message": message,
-    }
-
-
-def _backend() -> str | None:
-    import torch.distributed as dist
-
-    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None

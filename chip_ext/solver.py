@@ -544,3 +544,77 @@ def polish_support(G: Tensor, b: Tensor, lam: Tensor, m: Tensor, positive: bool,
         support[rows], s[rows] = new_support, new_sign
         todo = rows
     return w_out, ok_out, factorizations
+
+
+# ------------------------------------------------------------------------- from the sums of a pass
+
+
+def solve_sums(G: Tensor, b: Tensor, n: Tensor, zs: Tensor, gs: Tensor, K: int, *, lam: float | None,
+               lam_ratio: float | None, rho: float | None, max_iter: int, tol: float, fit_intercept: bool,
+               positive: bool) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """Solves every class of one layer's float64 sums (`chip_ext.ops.Accumulators` fields: G packed
+    [C, K(K+1)/2], b [C, K], n [C], zs [C, K], gs [C]), in chunks of classes normalised on the fly.
+    lam (absolute) or lam_ratio (fraction of each class's λ_max under the same options).
+    Returns (W [C, K] float64, intercepts [C] (zeros without fit_intercept), λ [C], report) on the
+    CPU; classes with n = 0 get zero rows and are listed in report["empty"] (positions in the sums)."""
+    from .packing import unpack_triu
+
+    C = n.shape[0]
+    W = torch.zeros(C, K, dtype=torch.float64)
+    b0 = torch.zeros(C, dtype=torch.float64)
+    lam_c = torch.zeros(C, dtype=torch.float64)
+    valid = (n > 0).nonzero().flatten().cpu()
+    report = {"rows": [], "iterations": [], "converged": [], "primal": [], "dual": [], "polished": [],
+              "factorizations": 0, "empty": (n <= 0).nonzero().flatten().tolist()}
+    chunk = max(1, working_bytes(G.device) // (4 * 8 * K * K))  # Ĝ, its factor and temporaries
+    for c0 in range(0, len(valid), chunk):
+        rows = valid[c0:c0 + chunk].to(G.device)
+        nn_ = n[rows]
+        G_hat = unpack_triu(G[rows], K) / nn_[:, None, None]
+        b_hat = b[rows] / nn_[:, None]
+        means = dict(x_mean=zs[rows] / nn_[:, None], y_mean=gs[rows] / nn_) if fit_intercept else {}
+        lam_rows = (torch.full_like(nn_, float(lam)) if lam is not None
+                    else lam_ratio * lambda_max(b_hat, positive=positive, **means))
+        Wc, info = admm_lasso(G_hat, b_hat, lam_rows, rho=rho, max_iter=max_iter, tol=tol,
+                              fit_intercept=fit_intercept, positive=positive, warn=False, **means)
+        at = rows.cpu()
+        W[at] = Wc.cpu().double()
+        lam_c[at] = lam_rows.cpu().double()
+        if info.intercept is not None:
+            b0[at] = info.intercept
+        report["rows"] += at.tolist()
+        for key, value in (("iterations", info.iterations), ("converged", info.converged),
+                           ("primal", info.primal_residual), ("dual", info.dual_residual),
+                           ("polished", info.polished)):
+            report[key] += value.tolist()
+        report["factorizations"] += info.factorizations
+    return W, b0, lam_c, report
+
+
+def solver_report(layer: str, report: dict, classes: list[int], max_iter: int) -> dict:
+    """imp.meta["solver"][layer] from `solve_sums`'s report (its rows are positions in `classes`):
+    iterations, convergence, factorisations, and the warning text for classes that did not converge."""
+    it = torch.tensor(report["iterations"], dtype=torch.long)
+    ok = torch.tensor(report["converged"], dtype=torch.bool)
+    label = [classes[r] for r in report["rows"]]
+    bad = (~ok).nonzero().flatten().tolist()
+    message = None
+    if bad:
+        primal = torch.tensor(report["primal"], dtype=torch.float64)
+        dual = torch.tensor(report["dual"], dtype=torch.float64)
+        worst = max(bad, key=lambda i: max(float(primal[i]), float(dual[i])))
+        message = (f"layer {layer!r}: {len(bad)} of {len(ok)} classes did not converge in max_iter={max_iter} "
+                   f"ADMM iterations (classes {[label[i] for i in bad[:10]]}"
+                   f"{' ...' if len(bad) > 10 else ''}; worst: class {label[worst]}, primal residual "
+                   f"{float(primal[worst]):.2e}, dual residual {float(dual[worst]):.2e} at unit scale). Their W "
+                   "is approximate: raise max_iter, loosen tol, raise lam/lam_ratio, or distil more images "
+                   "(images x N well above K)")
+    return {
+        "iterations_max": int(it.max()) if len(it) else 0,
+        "iterations_mean": float(it.float().mean()) if len(it) else 0.0,
+        "converged": not bad,
+        "not_converged_classes": [label[i] for i in bad[:100]],
+        "polished": int(sum(report["polished"])),
+        "factorizations": int(report["factorizations"]),
+        "message": message,
+    }

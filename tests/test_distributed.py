@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import chip_ext
-from chip_ext.distillation import choose_resume_point, class_block, list_rank_checkpoints
+from chip_ext.checkpoints import choose_resume_point, list_rank_checkpoints
+from chip_ext.distributed import class_block
 from test_distillation import TIGHT, InvariantCNN
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"

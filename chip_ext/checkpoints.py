@@ -1,0 +1,106 @@
+"""Checkpoint files of a distillation: the running sums and the loader position, written atomically,
+one file per process (or per rank under torch.distributed: `<path>.rank<r>of<world>.pos<images>` and
+`.complete`), and read back only when they were written by the same configuration and model."""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .importance import atomic_save
+
+CHECKPOINT_FORMAT = "chip_ext.distill.checkpoint"
+# 3: the first moments Σ f h z and Σ f h g (for fit_intercept) join the sums. 1-2 lack them.
+CHECKPOINT_VERSION = 3
+
+
+def rank_checkpoint(path: Path, rank: int, world: int, key: int | str) -> Path:
+    """The file of rank `rank` of `world` at loader position `key` (an int) or "complete"."""
+    tail = "complete" if key == "complete" else f"pos{int(key)}"
+    return path.with_name(f"{path.name}.rank{rank}of{world}.{tail}")
+
+
+def list_rank_checkpoints(path: Path) -> dict[tuple[int, int], list[int | str]]:
+    """{(rank, world): [keys]} of the per-rank checkpoint files beside `path`."""
+    pattern = re.compile(re.escape(path.name) + r"\.rank(\d+)of(\d+)\.(complete|pos(\d+))$")
+    found: dict[tuple[int, int], list[int | str]] = {}
+    if path.parent.is_dir():
+        for f in path.parent.iterdir():
+            m = pattern.match(f.name)
+            if m:
+                key = "complete" if m.group(3) == "complete" else int(m.group(4))
+                found.setdefault((int(m.group(1)), int(m.group(2))), []).append(key)
+    return found
+
+
+def choose_resume_point(keys_per_rank: Sequence[Sequence[int | str]]) -> int | str | None:
+    """Where every rank can resume from: "complete" when every rank has its finished file, else the
+    latest loader position that every rank saved (ranks keep two generations, so a rank killed while
+    saving still shares the previous one), else None (start over)."""
+    if all("complete" in keys for keys in keys_per_rank):
+        return "complete"
+    positions = [{k for k in keys if k != "complete"} for keys in keys_per_rank]
+    common = set.intersection(*positions) if positions else set()
+    return max(common) if common else None
+
+
+def foreign_checkpoints(path: Path, found: dict, rank: int, world: int) -> str | None:
+    """Why the files at `path` (rank files `found` by list_rank_checkpoints) cannot be resumed by
+    rank `rank` of `world` processes, or None."""
+    others = sorted({w for (_, w) in found if w != world})
+    if world == 1 and others:
+        return (f"{path} does not exist, but per-rank checkpoints of a run with {others[0]} processes "
+                f"do ({path.name}.rank*of{others[0]}.*): resume with torchrun --nproc_per_node... "
+                f"giving {others[0]} processes in all, or pass another checkpoint path")
+    if world > 1 and path.exists():
+        return (f"{path} is a single-process checkpoint; resume it without torch.distributed, or "
+                f"pass another checkpoint path")
+    if world > 1 and others and not found.get((rank, world)):
+        return (f"the checkpoints at {path} were written by {others} processes, not {world}; "
+                f"resume with the same number of processes, or pass another checkpoint path")
+    return None
+
+
+def write_checkpoint(state: dict, path: Path, rank: int = 0, world: int = 1) -> Path:
+    """Writes `state` (from the run; "complete" and "position" say which file) atomically. Under
+    torch.distributed the rank's file is named by its position, and the rank keeps the newest other
+    position besides it: a rank killed while saving still shares the previous one with the others."""
+    path = Path(path)
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    if world == 1:
+        atomic_save(state, path)
+        return path
+    key = "complete" if state["complete"] else state["position"]
+    target = rank_checkpoint(path, rank, world, key)
+    atomic_save(state, target)
+    keys = list_rank_checkpoints(path).get((rank, world), [])
+    positions = sorted((k for k in keys if k != "complete"), reverse=True)
+    for k in positions[1:] if key == "complete" else positions[2:]:
+        rank_checkpoint(path, rank, world, k).unlink(missing_ok=True)
+    return target
+
+
+def read_checkpoint(path: Path, config: dict) -> dict:
+    """The state in `path`, checked: a chip_ext checkpoint of this format version, written with the
+    same `config` (model, layers, gates, ...). ValueError saying why otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"checkpoint {path} cannot be read (corrupt or not a chip_ext checkpoint): {err}") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a chip_ext distillation checkpoint")
+    version = state.get("version", 1)
+    if version != CHECKPOINT_VERSION:
+        why = ("it was written by an older chip_ext and lacks the first-moment sums (Σ f h z, Σ f h g) "
+               "that fit_intercept needs" if version < CHECKPOINT_VERSION else "it was written by a newer chip_ext")
+        raise ValueError(f"checkpoint {path} has format version {version}; this chip_ext reads version "
+                         f"{CHECKPOINT_VERSION}: {why}. Distil again with another checkpoint path "
+                         "(or delete the file)")
+    if state["config"] != config:
+        diff = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+        raise ValueError(
+            f"checkpoint {path} was written by a different configuration; differing (checkpoint, now): "
+            f"{diff}. Use another checkpoint path or the same arguments and model.")
+    return state
