@@ -3,104 +3,24 @@
 Same conventions as `chip_ext.explain`: images: Tensor[B, 3, H, W]; target None (top-1), an int,
 or one class per image (list or Tensor[B]); saliency maps Tensor[B, H, W] in [0, 1] at the input
 resolution (bilinear upsampling, then min-max normalisation per image; a constant map becomes
-zeros); guided maps Tensor[B, 3, H, W]. No module hooks are registered: Grad-CAM differentiates
+zeros); guided maps Tensor[B, 3, H, W] (the shared conventions are in `chip_ext.maps`). The model runs
+through `maps.inference_view` (eval mode without changing the user's model). No module hooks are
+registered: Grad-CAM differentiates
 the suffix of the model split at the layer (torch.fx), guided backprop hooks the ReLU nodes of the
 forward's own autograd graph (so functional and in-place ReLUs are guided too), and both are gone
 when the call returns.
 """
 from __future__ import annotations
 
-import weakref
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from .split import split
-
-Target = int | Sequence[int] | Tensor | None
+from .maps import Target, cached_split, check_images, inference_view, normalize_maps, resolve_target, upsample
 
 # autograd nodes of ReLU-type ops (relu, relu_, F.relu(inplace=True), relu6/ReLU6 = hardtanh(0, 6))
 GUIDED_NODES = ("ReluBackward0", "ReluBackward1", "HardtanhBackward0", "HardtanhBackward1",
                 "ThresholdBackward0", "ThresholdBackward1")
-
-
-# ------------------------------------------------------------------------------------- helpers
-
-
-def check_images(images: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-        got = f"{images.dim()}-D {images.dtype} {list(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a floating-point Tensor[B, 3, H, W]; got {got}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch (B=0)")
-
-
-def resolve_target(target: Target, logits: Tensor) -> Tensor:
-    """Class index per image -> Tensor[B] (long) on the logits' device."""
-    B, C = logits.shape
-    if target is None:
-        t = logits.argmax(dim=1)
-    elif isinstance(target, int):
-        t = torch.full((B,), target, dtype=torch.long, device=logits.device)
-    else:
-        t = torch.as_tensor(target, dtype=torch.long, device=logits.device).flatten()
-        if t.numel() != B:
-            raise ValueError(f"target must give one class per image ({B}); got {t.numel()}")
-    if bool(((t < 0) | (t >= C)).any()):
-        raise ValueError(f"target {t.tolist()} out of range: the model has {C} outputs")
-    return t
-
-
-def normalize_maps(maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-    """maps: Tensor[B, h, w] -> bilinear to `size`, then per-image min-max to [0, 1] (constant -> 0)."""
-    if size is not None and tuple(maps.shape[-2:]) != tuple(size):
-        maps = upsample(maps, size)
-    flat = maps.reshape(maps.shape[0], -1)
-    lo = flat.min(dim=1).values[:, None, None]
-    hi = flat.max(dim=1).values[:, None, None]
-    span = hi - lo
-    out = torch.where(span > 0, (maps - lo) / torch.where(span > 0, span, torch.ones_like(span)),
-                      torch.zeros_like(maps))
-    return out
-
-
-class _Eval:
-    """Puts the model in eval mode for the call and restores every module's mode afterwards."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, training in self.modes.items():
-            m.train(training)
-
-
-_SPLITS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def cached_split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """split(model, layer), remembered per model (weakly) and layer while the model's modules stay
-    the same objects: tracing costs more than a forward."""
-    signature = tuple(id(m) for m in model.modules())
-    per_model = _SPLITS.setdefault(model, {})
-    hit = per_model.get(layer)
-    if hit is None or hit[0] != signature:
-        hit = per_model[layer] = (signature, *split(model, layer))
-    return hit[1], hit[2]
-
-
-def upsample(maps: Tensor, size, mode: str = "bilinear") -> Tensor:
-    """maps: Tensor[B, h, w] -> Tensor[B, *size] ("bilinear", half-pixel centres, or "nearest")."""
-    if mode not in ("bilinear", "nearest"):
-        raise ValueError(f"upsample must be 'bilinear' or 'nearest'; got {mode!r}")
-    kw = {"align_corners": False} if mode == "bilinear" else {}
-    return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode=mode, **kw).squeeze(1)
 
 
 # ------------------------------------------------------------------------------------- Grad-CAM
@@ -111,8 +31,8 @@ def gradcam_raw(model: nn.Module, images: Tensor, layer: str, target: Target = N
     """ReLU(sum_k mean_hw(dy_c/dA_k) A_k) at the layer's resolution -> (maps [B, h, w], target [B],
     logits [B, C])."""
     check_images(images)
-    prefix, suffix = cached_split(model, layer)
-    with _Eval(model), torch.enable_grad():
+    prefix, suffix = cached_split(inference_view(model), layer)
+    with torch.enable_grad():
         with torch.no_grad():
             A = prefix(images)
         A = A.detach().requires_grad_(True)
@@ -140,7 +60,7 @@ _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 def cam_weights(model: nn.Module, layer: str) -> tuple[Tensor, Tensor | None]:
     """The classifier weights [C, K] (and bias) that CAM needs: the model after `layer` must be a
     global average pooling followed by one nn.Linear (flatten and dropout allowed in between)."""
-    _, suffix = cached_split(model, layer)
+    _, suffix = cached_split(inference_view(model), layer)
     linear = None
     for node in suffix.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
@@ -170,8 +90,8 @@ def cam(model: nn.Module, images: Tensor, layer: str, target: Target = None) -> 
     -> Tensor[B, H, W] in [0, 1]."""
     check_images(images)
     W, _ = cam_weights(model, layer)
-    prefix, suffix = cached_split(model, layer)
-    with _Eval(model), torch.no_grad():
+    prefix, suffix = cached_split(inference_view(model), layer)
+    with torch.no_grad():
         A = prefix(images)
         logits = suffix(A.clone())
         t = resolve_target(target, logits)
@@ -204,9 +124,10 @@ def guided_backprop(model: nn.Module, images: Tensor, target: Target = None) -> 
     """Guided Backpropagation (Springenberg et al.): the input gradient of the target score with
     every ReLU's backward guided -> Tensor[B, 3, H, W] (raw gradients)."""
     check_images(images)
-    with _Eval(model), torch.enable_grad():
+    view = inference_view(model)
+    with torch.enable_grad():
         x = images.detach().clone().requires_grad_(True)
-        logits = model(x)
+        logits = view(x)
         t = resolve_target(target, logits)
         score = logits.gather(1, t[:, None]).sum()
         _guide(score.grad_fn)

@@ -26,6 +26,7 @@ from .distributed import class_block
 from .gates import GATE_STREAM, default_sigma, proximity, sample_gates
 from .importance import Importance
 from .solver import solve_sums, solver_report
+from .maps import inference_view
 from .split import split
 
 DEFAULT_LAM_RATIO = 0.1
@@ -35,10 +36,14 @@ DEFAULT_LAM_RATIO = 0.1
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 (16 hex digits) of the names, shapes and dtypes of the model's parameters and buffers."""
+    """sha256 (16 hex digits) of the names, shapes, dtypes and values of the model's parameters and
+    buffers: a checkpoint resumes only with the same weights (the same architecture with other weights
+    would add sums of another network to the old ones). Values are read on the CPU."""
     h = hashlib.sha256()
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if t.device.type != "meta" and t.numel():
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -220,16 +225,20 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     params = list(itertools.chain(model.parameters(), model.buffers()))
     model_device = params[0].device if params else torch.device("cpu")
     device = torch.device(device) if device is not None else model_device
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no data: distill needs a device that computes ('cpu', 'cuda', ...)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if memory_budget is None:
         free = _free_bytes(device) if device.type == "cuda" else None
         memory_budget = max(64 << 20, free // 8) if free else 256 << 20
 
-    # ---- split the model (checks the layers and the cut before any work)
+    # ---- split the model (checks the layers and the cut before any work). The model itself is left
+    # alone (no eval(), no .to()): another thread may be using it; its inference view runs instead.
+    view = inference_view(model, device)
     states = []
     for layer in layer_list:
-        prefix, suffix = split(model, layer)
+        prefix, suffix = split(view, layer)
         states.append(_LayerState(layer, prefix, suffix))
 
     config = {
@@ -249,39 +258,31 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
                             "images_in_loader": len(dataset) if hasattr(dataset, "__len__") else None})
         progress = progress and rank == 0
     stages = _Stages(device, profile)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    model.to(device)
-    try:
-        with torch.no_grad():
-            run = _Run(states, config, classes, num_perturbations, sigma, max_drop, score, seed,
-                       device, batch_size, memory_budget, autocast_dtype, stages, rank=rank, world=world,
-                       shard=shard_accumulators)
-            resumed = run.resume(checkpoint) if checkpoint is not None else False
-            if not run.complete:
-                run.stream(loader, progress, checkpoint, checkpoint_every, max_images)
-                if world > 1:
-                    run.finish()
-                if checkpoint is not None:
-                    run.complete = True
-                    run.save(checkpoint)
-            for st in states:
-                if run.seen * num_perturbations < st.shape[0]:
-                    warnings.warn(
-                        f"layer {st.name!r}: {run.seen} images x N={num_perturbations} = "
-                        f"{run.seen * num_perturbations} gated samples for K={st.shape[0]} channels: the Lasso is "
-                        "underdetermined (W is not unique) and ADMM may stop at max_iter; distil more images",
-                        stacklevel=2)
-            with stages("solve"):
-                weights, intercepts, lams, solver_meta = run.solve(lam, lam_ratio, rho, max_iter, tol,
-                                                                   fit_intercept, positive)
-            for st in states:
-                if solver_meta[st.name]["message"]:
-                    warnings.warn(solver_meta[st.name]["message"], UserWarning, stacklevel=2)
-    finally:
-        model.to(model_device)
-        for m, training in modes.items():
-            m.train(training)
+    with torch.no_grad():
+        run = _Run(states, config, classes, num_perturbations, sigma, max_drop, score, seed,
+                   device, batch_size, memory_budget, autocast_dtype, stages, rank=rank, world=world,
+                   shard=shard_accumulators)
+        resumed = run.resume(checkpoint) if checkpoint is not None else False
+        if not run.complete:
+            run.stream(loader, progress, checkpoint, checkpoint_every, max_images)
+            if world > 1:
+                run.finish()
+            if checkpoint is not None:
+                run.complete = True
+                run.save(checkpoint)
+        for st in states:
+            if run.seen * num_perturbations < st.shape[0]:
+                warnings.warn(
+                    f"layer {st.name!r}: {run.seen} images x N={num_perturbations} = "
+                    f"{run.seen * num_perturbations} gated samples for K={st.shape[0]} channels: the Lasso is "
+                    "underdetermined (W is not unique) and ADMM may stop at max_iter; distil more images",
+                    stacklevel=2)
+        with stages("solve"):
+            weights, intercepts, lams, solver_meta = run.solve(lam, lam_ratio, rho, max_iter, tol,
+                                                               fit_intercept, positive)
+        for st in states:
+            if solver_meta[st.name]["message"]:
+                warnings.warn(solver_meta[st.name]["message"], UserWarning, stacklevel=2)
 
     chosen = run.classes
     names = None
@@ -579,8 +580,13 @@ class _Run:
         self._setup_classes(logits.shape[-1])
         with self.stages("accumulate"):
             f = torch.softmax(logits[:, 0], dim=-1)[:, self._class_index]  # loyalty: unperturbed probs
-            g = self.score(logits.reshape(B * self.N, -1)).reshape(B, self.N, -1)
-            g = g[..., self._class_index].float().contiguous()
+            flat = logits.reshape(B * self.N, -1)
+            g = self.score(flat)
+            if not isinstance(g, Tensor) or tuple(g.shape) != tuple(flat.shape):
+                got = list(g.shape) if isinstance(g, Tensor) else type(g).__name__
+                raise ValueError(f"target: the callable must map logits [M, C_out] = {list(flat.shape)} to scores "
+                                 f"of the same shape; it returned {got}")
+            g = g.reshape(B, self.N, -1)[..., self._class_index].float().contiguous()
             self._check_finite(g, f"the target scores after perturbing layer {s.name!r}", indices)
         return a, gates, h, f.contiguous(), g
 

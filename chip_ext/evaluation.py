@@ -20,6 +20,7 @@ from .data import LocalizationDataset, collate_localization
 from .explain import explain
 from .importance import Importance
 from .localization import DEFAULT_THRESHOLDS, box_correct_both, ilsvrc_metrics
+from .maps import inference_view
 
 MapFn = Callable[[Tensor, Tensor], Tensor]  # (normalised images [B,3,H,W], classes [B]) -> maps [B,H,W]
 
@@ -69,23 +70,20 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
     top5s, labels_all, boxes_all = [], [], []
     correct = {name: [] for name in methods}  # [N, T] at IoU .5, largest contour
     correct_v2 = {name: [] for name in methods}  # [N, T, 3] all contours, IoU .3/.5/.7
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        for x01, labels, boxes in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
-            x = normalize(x01)
-            with torch.no_grad():
-                top5s.append(model(x).topk(5, dim=1).indices)
-            labels_all.append(labels)
-            boxes_all += boxes
-            for name, fn in methods.items():
-                maps = fn(x, labels).detach().float().cpu().clamp(0, 1)
-                v1, v2 = box_correct_both(maps, boxes, thresholds)
-                correct[name].append(v1)
-                correct_v2[name].append(v2)
-    finally:
-        for m, training in modes.items():
-            m.train(training)
+    view = inference_view(model)  # eval mode without changing the model
+    tensors = list(model.parameters()) + list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    for x01, labels, boxes in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+        x = normalize(x01.to(device))  # on the model's device
+        with torch.no_grad():
+            top5s.append(view(x).topk(5, dim=1).indices.cpu())
+        labels_all.append(labels)
+        boxes_all += boxes
+        for name, fn in methods.items():
+            maps = fn(x, labels.to(device)).detach().float().cpu().clamp(0, 1)
+            v1, v2 = box_correct_both(maps, boxes, thresholds)
+            correct[name].append(v1)
+            correct_v2[name].append(v2)
     top5, labels = torch.cat(top5s), torch.cat(labels_all)
     N = len(labels)
     calib, evals = np.arange(0, N, 2), np.arange(1, N, 2)

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .baselines import _Eval, cached_split, check_images, guided_backprop, normalize_maps, resolve_target
+from .baselines import guided_backprop
 from .importance import Importance
+from .maps import _class_indices, cached_split, check_images, inference_view, normalize_maps, resolve_target
 
 METHODS = ("chip", "refined", "guided_chip")
 TargetArg = int | str | Sequence[int] | Sequence[str] | Tensor | None
@@ -31,9 +32,9 @@ def _given_targets(target: TargetArg, importance: Importance, B: int, device) ->
         names = [target] if isinstance(target, str) else list(target)
         idx = [importance.classes[importance.row(n)] for n in names]
         target = idx[0] if isinstance(target, str) else idx
-    if isinstance(target, int):
-        return torch.full((B,), target, dtype=torch.long, device=device)
-    t = torch.as_tensor(target, dtype=torch.long, device=device).flatten()
+    t = _class_indices(target).to(device).flatten()
+    if t.numel() == 1:
+        return t.expand(B).clone()
     if t.numel() != B:
         raise ValueError(f"target must give one class per image ({B}); got {t.numel()}")
     return t
@@ -47,8 +48,8 @@ def chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: s
     check_images(images)
     if layer not in importance.weights:
         raise ValueError(f"layer {layer!r} is not in the importance (layers: {importance.layers})")
-    prefix, suffix = cached_split(model, layer)
-    with _Eval(model), torch.no_grad():
+    prefix, suffix = cached_split(inference_view(model), layer)
+    with torch.no_grad():
         A = prefix(images)
         logits = suffix(A.clone()) if target is None else None
     W_all = importance.weights[layer]

@@ -457,3 +457,67 @@ def test_fewer_samples_than_channels_warns():
     with pytest.warns(UserWarning, match=r"layer 'conv1': 2 images x N=3 = 6 gated samples for K=8 channels: "
                                          r"the Lasso is underdetermined"):
         chip_ext.distill(InvariantCNN(), [x], "conv1", num_perturbations=3, progress=False)
+
+
+def test_resume_with_other_weights_is_refused(tmp_path):
+    """Issue 14.1: the same architecture with other weights resumed a checkpoint and mixed two
+    networks' sums (max |dW| 0.033 where max |W| was 0.024). The fingerprint now hashes the values."""
+    a, b = SmallCNN(), SmallCNN()
+    with torch.no_grad():
+        b.conv2.weight.add_(1e-3)
+    assert model_fingerprint(a) != model_fingerprint(b)
+    assert model_fingerprint(a) == model_fingerprint(SmallCNN())  # same values, same fingerprint
+    ck = tmp_path / "run.ckpt"
+    data = batches(6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        chip_ext.distill(a, Crashing(data, 3), "relu2", num_perturbations=4, checkpoint=ck, checkpoint_every=0,
+                         progress=False)
+    with pytest.raises(ValueError, match=r"different configuration.*'model'"):
+        chip_ext.distill(b, data, "relu2", num_perturbations=4, checkpoint=ck, progress=False)
+    resumed = chip_ext.distill(a, data, "relu2", num_perturbations=4, checkpoint=ck, progress=False)
+    assert resumed.meta["resumed"]
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu(self.bn(self.conv(x)))
+        return self.head(self.drop(x.mean(dim=(2, 3))))
+
+
+def test_distill_leaves_the_model_alone():
+    """Issue 14.2-3: no eval()/train() flips and no .to() on the user's model, whatever happens:
+    a forward hook sees the user's model in train mode during the pass, BatchNorm statistics do not
+    change, and a pass that fails leaves the parameters where and what they were."""
+    model = BNNet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [p for p in model.parameters()]
+    seen = []
+    model.bn.register_forward_hook(lambda m, i, o: seen.append((model.training, model.bn.training, m.training)))
+    chip_ext.distill(model, batches(2), "relu", num_perturbations=4, progress=False)
+    assert seen and all(user and bn and not view for user, bn, view in seen)  # the view ran in eval mode
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running_mean/var, num_batches_tracked untouched
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        chip_ext.distill(model, Crashing(batches(4), 1), "relu", num_perturbations=4, progress=False)
+    assert [p for p in model.parameters()] == params and all(p.device.type == "cpu" for p in params)
+    with pytest.raises(ValueError, match=r"device='meta' holds no data"):
+        chip_ext.distill(model, batches(2), "relu", num_perturbations=4, progress=False, device="meta")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert torch.equal(model.conv.weight, before["conv.weight"])
+
+
+def test_target_callable_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"target: the callable must map logits \[M, C_out\] = \[24, 5\] to scores "
+                                         r"of the same shape; it returned \[24, 2\]"):
+        chip_ext.distill(SmallCNN(), batches(1), "relu2", num_perturbations=6, progress=False,
+                         target=lambda logits: logits[:, :2])

@@ -1,0 +1,159 @@
+"""The conventions every saliency method here shares (CHIP and its peers): checked inputs, target
+classes, the model split cache, bilinear upsampling and per-image min-max normalisation, and the
+inference view that lets a method run a model in eval mode (and on another device) without touching
+the user's model.
+
+images: Tensor[B, 3, H, W]; target: None (top-1), an int, or one class per image (list or Tensor[B]);
+maps: Tensor[B, H, W] in [0, 1] at the input resolution (a constant map becomes zeros).
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .split import split
+
+Target = int | Sequence[int] | Tensor | None
+
+
+def check_images(images: Tensor) -> None:
+    """A floating-point batch [B, 3, H, W] with B >= 1 and no NaN/Inf (a NaN pixel would turn every
+    map of its image into zeros, silently)."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        got = f"{images.dim()}-D {images.dtype} {list(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a floating-point Tensor[B, 3, H, W]; got {got}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch (B=0)")
+    bad = ~torch.isfinite(images).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"images hold NaN or Inf (images {bad.nonzero().flatten().tolist()[:10]} of the batch); "
+                         "fix the input or its preprocessing")
+
+
+def _class_indices(target, where: str = "target") -> Tensor:
+    """An int, a sequence of ints or an integer tensor -> Tensor (long); floats and bools refused
+    (they were silently truncated)."""
+    if isinstance(target, bool) or (isinstance(target, Tensor) and target.dtype == torch.bool):
+        raise TypeError(f"{where} must be integer class indices; got {target!r}")
+    t = torch.as_tensor(target)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        shown = target if not isinstance(target, Tensor) else t.tolist()
+        raise TypeError(f"{where} must be integer class indices; got {shown!r}")
+    return t.long()
+
+
+def resolve_target(target: Target, logits: Tensor) -> Tensor:
+    """Class index per image -> Tensor[B] (long) on the logits' device."""
+    B, C = logits.shape
+    if target is None:
+        t = logits.argmax(dim=1)
+    else:
+        t = _class_indices(target).to(logits.device).flatten()
+        if t.numel() == 1:
+            t = t.expand(B).clone()
+        if t.numel() != B:
+            raise ValueError(f"target must give one class per image ({B}); got {t.numel()}")
+    if bool(((t < 0) | (t >= C)).any()):
+        raise ValueError(f"target {t.tolist()} out of range: the model has {C} outputs")
+    return t
+
+
+def upsample(maps: Tensor, size, mode: str = "bilinear") -> Tensor:
+    """maps: Tensor[B, h, w] -> Tensor[B, *size] ("bilinear", half-pixel centres, or "nearest")."""
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"upsample must be 'bilinear' or 'nearest'; got {mode!r}")
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode=mode, **kw).squeeze(1)
+
+
+def normalize_maps(maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """maps: Tensor[B, h, w] -> bilinear to `size`, then per-image min-max to [0, 1] (constant -> 0)."""
+    if size is not None and tuple(maps.shape[-2:]) != tuple(size):
+        maps = upsample(maps, size)
+    flat = maps.reshape(maps.shape[0], -1)
+    lo = flat.min(dim=1).values[:, None, None]
+    hi = flat.max(dim=1).values[:, None, None]
+    span = hi - lo
+    return torch.where(span > 0, (maps - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(maps))
+
+
+# ------------------------------------------------------------------------------ inference view
+
+_VIEWS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _structure(model: nn.Module) -> tuple:
+    return tuple(id(m) for m in model.modules())
+
+
+def _twin(module: nn.Module, device: torch.device | None, moved: dict) -> nn.Module:
+    """A shallow copy of the module tree in eval mode. Same device: the copies share the parameter
+    and buffer dicts (the same tensors, no memory). Another device: new dicts with detached copies
+    there (a tensor shared by several modules stays shared)."""
+    twin = copy.copy(module)
+    twin.__dict__["training"] = False
+    if device is not None:
+        def move(t):
+            if t is None:
+                return None
+            if id(t) not in moved:
+                data = t.detach().to(device)
+                moved[id(t)] = nn.Parameter(data, requires_grad=False) if isinstance(t, nn.Parameter) else data
+            return moved[id(t)]
+
+        twin.__dict__["_parameters"] = {k: move(p) for k, p in module._parameters.items()}
+        twin.__dict__["_buffers"] = {k: move(b) for k, b in module._buffers.items()}
+    twin.__dict__["_modules"] = {k: None if m is None else _twin(m, device, moved) for k, m in module._modules.items()}
+    return twin
+
+
+def _tensor_devices(model: nn.Module) -> set:
+    return {t.device for t in list(model.parameters()) + list(model.buffers())}
+
+
+def inference_view(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """The model in eval mode, on `device` (default: where it is), without changing the model.
+
+    The user's model is never put in eval mode or moved: another thread may be training it, or
+    running it in train mode (BatchNorm statistics), at the same time. On the model's own device the
+    view shares its tensors (no copy; load_state_dict on the model shows through); on another device
+    it holds copies there (made anew each call, not remembered: they hold device memory). The shared
+    view is remembered per model (weakly) while the model's modules stay the same objects."""
+    device = None if device is None else torch.device(device)
+    if device is not None and device.type == "meta":
+        raise ValueError("device='meta' holds no data: pass a device that computes ('cpu', 'cuda', ...)")
+    if device is not None and _tensor_devices(model) <= {device}:
+        device = None  # already there: share the tensors
+    if device is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is not None:
+        return _twin(model, device, {})
+    structure = _structure(model)
+    with _LOCK:
+        per_model = _VIEWS.setdefault(model, {})
+        hit = per_model.get("view")
+        if hit is None or hit[0] != structure:
+            hit = per_model["view"] = (structure, _twin(model, None, {}))
+    return hit[1]
+
+
+def cached_split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """split(model, layer), remembered per model (weakly) and layer while the model's modules stay
+    the same objects: tracing costs more than a forward."""
+    structure = _structure(model)
+    with _LOCK:
+        per_model = _VIEWS.setdefault(model, {})
+        hit = per_model.get(("split", layer))
+    if hit is None or hit[0] != structure:
+        hit = (structure, *split(model, layer))
+        with _LOCK:
+            per_model[("split", layer)] = hit
+    return hit[1], hit[2]
