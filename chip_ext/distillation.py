@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
+import operator
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -66,6 +70,50 @@ def images_of(batch: Any, position: int) -> Tensor:
         raise TypeError(f"loader item {position} holds a {x.dim()}-D {x.dtype} tensor of shape "
                         f"{list(x.shape)}; expected floating-point images [B, C, H, W]")
     return x
+
+
+def _is_index(value) -> bool:
+    try:
+        operator.index(value)
+        return True
+    except TypeError:
+        return False
+
+
+def _int_arg(name: str, value, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        want = "an int" + (f" >= {minimum}" if minimum is not None else "")
+        raise ValueError(f"{name} must be {want}; got {value!r}")
+
+
+def _float_arg(name: str, value, *, positive: bool, upper: float | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0) and (upper is None or value <= upper)
+    if not ok:
+        want = ("a finite number " + ("> 0" if positive else ">= 0")
+                + (f" and <= {upper}" if upper is not None else ""))
+        raise ValueError(f"{name} must be {want}; got {value!r}")
+
+
+def _writable(path: Path) -> Path:
+    """The checkpoint path, checked before the pass: its folder exists or can be made, and a file can
+    be written there (a read-only folder, or a path under a regular file, failed only at the first save)."""
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; pass a file path")
+    parent = path.parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"checkpoint {path}: {p} is a file, not a folder")
+            break
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"checkpoint {path} cannot be written: {err.strerror or err} ({parent})") from None
+    return path
 
 
 def _score_fn(target: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -191,35 +239,50 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     16.8 GB for K=2048, C=1000) do not fit beside the model.
     Returns an Importance with W: Tensor[C, K] per layer.
     """
-    # ---- arguments
+    # ---- arguments: everything that could only fail at the end is checked before the first image
     layer_list = [layers] if isinstance(layers, str) else list(layers)
     if not layer_list or not all(isinstance(l, str) for l in layer_list):
         raise ValueError(f"layers must be a module name or a non-empty list of them; got {layers!r}")
     if len(set(layer_list)) != len(layer_list):
         raise ValueError(f"layers has duplicates: {layer_list}")
-    if not isinstance(num_perturbations, int) or num_perturbations < 1:
-        raise ValueError(f"num_perturbations must be an int >= 1; got {num_perturbations!r}")
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma must be > 0; got {sigma}")
-    if rho is not None and not rho > 0:
-        raise ValueError(f"rho must be > 0; got {rho}")
+    _int_arg("num_perturbations", num_perturbations, 1)
+    _int_arg("max_iter", max_iter, 1)
+    _int_arg("seed", seed, None)
+    for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget), ("max_images", max_images)):
+        if value is not None:
+            _int_arg(name, value, 1)
+    _float_arg("tol", tol, positive=True)
+    _float_arg("checkpoint_every", checkpoint_every, positive=False)
+    _float_arg("max_drop", max_drop, positive=False, upper=1.0)
+    for name, value, strict in (("sigma", sigma, True), ("rho", rho, True), ("lam", lam, False),
+                                ("lam_ratio", lam_ratio, False)):
+        if value is not None:
+            _float_arg(name, value, positive=strict)
     if lam is not None and lam_ratio is not None:
         raise ValueError("give lam (absolute) or lam_ratio (fraction of each class's lambda_max), not both")
-    if lam is not None and not lam >= 0:
-        raise ValueError(f"lam must be >= 0; got {lam}")
-    if lam_ratio is not None and not lam_ratio >= 0:
-        raise ValueError(f"lam_ratio must be >= 0; got {lam_ratio}")
-    for flag, value in (("fit_intercept", fit_intercept), ("positive", positive)):
+    for flag, value in (("fit_intercept", fit_intercept), ("positive", positive),
+                        ("shard_accumulators", shard_accumulators)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False; got {value!r}")
     if lam is None and lam_ratio is None:
         lam_ratio = DEFAULT_LAM_RATIO
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    if memory_budget is not None and memory_budget < 1:
-        raise ValueError(f"memory_budget must be >= 1 byte; got {memory_budget}")
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"max_images must be >= 1; got {max_images}")
+    if classes is not None:
+        classes = list(classes) if not isinstance(classes, Tensor) else classes.tolist()
+        if not classes:
+            raise ValueError("classes must be None (all outputs) or a non-empty list of class indices; got []")
+        bad = [c for c in classes if isinstance(c, bool) or not _is_index(c)]
+        if bad:
+            raise TypeError(f"classes must be integer class indices; got {bad[:10]}")
+        classes = [operator.index(c) for c in classes]
+    if class_names is not None:
+        if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
+            raise TypeError("class_names must be a list of strings")
+        class_names = list(class_names)
+        if classes is not None and len(class_names) != len(classes) and len(class_names) <= max(classes):
+            raise ValueError(f"class_names must name all the model's outputs or the {len(classes)} chosen classes; "
+                             f"got {len(class_names)} names")
+    if checkpoint is not None:
+        checkpoint = _writable(Path(checkpoint))
     score = _score_fn(target)
 
     params = list(itertools.chain(model.parameters(), model.buffers()))
@@ -262,6 +325,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         run = _Run(states, config, classes, num_perturbations, sigma, max_drop, score, seed,
                    device, batch_size, memory_budget, autocast_dtype, stages, rank=rank, world=world,
                    shard=shard_accumulators)
+        run.class_names_count = None if class_names is None else len(class_names)
         resumed = run.resume(checkpoint) if checkpoint is not None else False
         if not run.complete:
             run.stream(loader, progress, checkpoint, checkpoint_every, max_images)
@@ -329,6 +393,7 @@ class _Run:
         self.max_drop, self.score, self.seed, self.device = max_drop, score, seed, device
         self.batch_size, self.memory_budget = batch_size, memory_budget
         self.autocast_dtype, self.stages = autocast_dtype, stages
+        self.class_names_count: int | None = None  # checked against the outputs at the first batch
         self.classes: list[int] | None = None if classes is None else [int(c) for c in classes]
         self.num_outputs: int | None = None
         self.position = 0  # images consumed from the loader (all ranks together)
@@ -487,6 +552,10 @@ class _Run:
                 raise ValueError(f"classes {bad[:10]} are out of range: the model has {num_outputs} outputs")
             if len(set(self.classes)) != len(self.classes):
                 raise ValueError("classes has duplicates")
+            names = self.class_names_count
+            if names is not None and names not in (num_outputs, len(self.classes)):
+                raise ValueError(f"class_names must name all {num_outputs} outputs or the {len(self.classes)} "
+                                 f"chosen classes; got {names} names")
             self._class_index = torch.tensor(self.classes, device=self.device)
         elif num_outputs != self.num_outputs:
             raise ValueError(f"the model returned {num_outputs} outputs; it returned {self.num_outputs} before")

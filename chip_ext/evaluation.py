@@ -53,7 +53,8 @@ def _peer_gradcam(model, layer) -> MapFn:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        with GradCAM(model=model, target_layers=[model.get_submodule(layer)]) as cam:
+        view = inference_view(model, private=True)  # grad-cam calls model.eval() and hooks the layer
+        with GradCAM(model=view, target_layers=[view.get_submodule(layer)]) as cam:
             out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
         return torch.from_numpy(out).clamp(0, 1)
 

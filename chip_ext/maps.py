@@ -94,12 +94,17 @@ def _structure(model: nn.Module) -> tuple:
     return tuple(id(m) for m in model.modules())
 
 
-def _twin(module: nn.Module, device: torch.device | None, moved: dict) -> nn.Module:
+def _twin(module: nn.Module, device: torch.device | None, moved: dict, own_hooks: bool = False) -> nn.Module:
     """A shallow copy of the module tree in eval mode. Same device: the copies share the parameter
     and buffer dicts (the same tensors, no memory). Another device: new dicts with detached copies
-    there (a tensor shared by several modules stays shared)."""
+    there (a tensor shared by several modules stays shared). own_hooks: copies of the hook dicts,
+    so hooks registered on the twin do not reach the model (the user's hooks still run)."""
     twin = copy.copy(module)
     twin.__dict__["training"] = False
+    if own_hooks:
+        for name, value in module.__dict__.items():
+            if "hooks" in name and isinstance(value, dict):
+                twin.__dict__[name] = type(value)(value)
     if device is not None:
         def move(t):
             if t is None:
@@ -111,7 +116,8 @@ def _twin(module: nn.Module, device: torch.device | None, moved: dict) -> nn.Mod
 
         twin.__dict__["_parameters"] = {k: move(p) for k, p in module._parameters.items()}
         twin.__dict__["_buffers"] = {k: move(b) for k, b in module._buffers.items()}
-    twin.__dict__["_modules"] = {k: None if m is None else _twin(m, device, moved) for k, m in module._modules.items()}
+    twin.__dict__["_modules"] = {k: None if m is None else _twin(m, device, moved, own_hooks)
+                                 for k, m in module._modules.items()}
     return twin
 
 
@@ -119,14 +125,17 @@ def _tensor_devices(model: nn.Module) -> set:
     return {t.device for t in list(model.parameters()) + list(model.buffers())}
 
 
-def inference_view(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+def inference_view(model: nn.Module, device: torch.device | str | None = None, *,
+                   private: bool = False) -> nn.Module:
     """The model in eval mode, on `device` (default: where it is), without changing the model.
 
     The user's model is never put in eval mode or moved: another thread may be training it, or
     running it in train mode (BatchNorm statistics), at the same time. On the model's own device the
     view shares its tensors (no copy; load_state_dict on the model shows through); on another device
     it holds copies there (made anew each call, not remembered: they hold device memory). The shared
-    view is remembered per model (weakly) while the model's modules stay the same objects."""
+    view is remembered per model (weakly) while the model's modules stay the same objects.
+    private=True: a new view with its own hook dicts, for code that registers module hooks (e.g.
+    pytorch-grad-cam), so they never reach the user's model."""
     device = None if device is None else torch.device(device)
     if device is not None and device.type == "meta":
         raise ValueError("device='meta' holds no data: pass a device that computes ('cpu', 'cuda', ...)")
@@ -134,8 +143,8 @@ def inference_view(model: nn.Module, device: torch.device | str | None = None) -
         device = None  # already there: share the tensors
     if device is not None and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device is not None:
-        return _twin(model, device, {})
+    if device is not None or private:
+        return _twin(model, device, {}, own_hooks=private)
     structure = _structure(model)
     with _LOCK:
         per_model = _VIEWS.setdefault(model, {})

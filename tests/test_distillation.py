@@ -377,22 +377,67 @@ class NaNAt(nn.Module):
         return x
 
 
+class Untouchable:
+    """A loader that fails the test if anything reads it."""
+
+    def __iter__(self):
+        raise AssertionError("the loader was read before the arguments were checked")
+
+
 @pytest.mark.parametrize("layers, kwargs, exc, pattern", [
     ("relu3", {}, SplitError, r"'relu3' is not a module of SmallCNN.*Did you mean 'relu2'"),
     ("head", {}, ValueError, r"layer 'head' outputs \[4, 5\]; CHIP needs a convolutional feature map"),
     ([], {}, ValueError, "layers must be a module name or a non-empty list"),
     ("relu2", dict(num_perturbations=0), ValueError, "num_perturbations must be an int >= 1; got 0"),
-    ("relu2", dict(sigma=0.0), ValueError, "sigma must be > 0; got 0.0"),
-    ("relu2", dict(rho=-1.0), ValueError, "rho must be > 0; got -1.0"),
-    ("relu2", dict(lam=-0.5), ValueError, "lam must be >= 0; got -0.5"),
+    ("relu2", dict(num_perturbations=True), ValueError, "num_perturbations must be an int >= 1; got True"),
+    ("relu2", dict(sigma=0.0), ValueError, "sigma must be a finite number > 0; got 0.0"),
+    ("relu2", dict(rho=-1.0), ValueError, "rho must be a finite number > 0; got -1.0"),
+    ("relu2", dict(lam=-0.5), ValueError, "lam must be a finite number >= 0; got -0.5"),
+    ("relu2", dict(lam=float("inf")), ValueError, "lam must be a finite number >= 0; got inf"),
+    ("relu2", dict(lam_ratio=float("inf")), ValueError, "lam_ratio must be a finite number >= 0; got inf"),
     ("relu2", dict(lam=0.1, lam_ratio=0.1), ValueError, "give lam .* or lam_ratio .*, not both"),
-    ("relu2", dict(classes=[0, 5]), ValueError, r"classes \[5\] are out of range: the model has 5 outputs"),
+    ("relu2", dict(max_iter=0), ValueError, "max_iter must be an int >= 1; got 0"),
+    ("relu2", dict(tol=0), ValueError, "tol must be a finite number > 0; got 0"),
+    ("relu2", dict(max_drop=1.5), ValueError, r"max_drop must be a finite number >= 0 and <= 1.0; got 1.5"),
+    ("relu2", dict(classes=[]), ValueError, r"classes must be None \(all outputs\) or a non-empty list"),
+    ("relu2", dict(classes=[1.7]), TypeError, r"classes must be integer class indices; got \[1.7\]"),
+    ("relu2", dict(classes=[True]), TypeError, r"classes must be integer class indices; got \[True\]"),
+    ("relu2", dict(classes=[0, 3], class_names=["a", "b", "c"]), ValueError,
+     r"class_names must name all the model's outputs or the 2 chosen classes; got 3 names"),
+    ("relu2", dict(positive=1), TypeError, "positive must be True or False; got 1"),
     ("relu2", dict(target="softmax"), ValueError, "target must be 'prob', 'logit' or a callable"),
-    ("relu2", dict(batch_size=0), ValueError, "batch_size must be >= 1; got 0"),
+    ("relu2", dict(batch_size=0), ValueError, "batch_size must be an int >= 1; got 0"),
+    ("relu2", dict(device="meta"), ValueError, "device='meta' holds no data"),
 ])
 def test_bad_arguments(layers, kwargs, exc, pattern):
+    """Issue 14.4: each is refused before the first image is read (they used to fail after the pass)."""
     with pytest.raises(exc, match=pattern):
-        chip_ext.distill(SmallCNN(), batches(2), layers, progress=False, **kwargs)
+        # a layer's output shape is known only once an image went through it
+        loader = batches(1) if layers == "head" else Untouchable()
+        chip_ext.distill(SmallCNN(), loader, layers, progress=False, **kwargs)
+
+
+def test_arguments_checked_at_the_first_batch():
+    with pytest.raises(ValueError, match=r"classes \[5\] are out of range: the model has 5 outputs"):
+        chip_ext.distill(SmallCNN(), batches(1), "relu2", classes=[0, 5], progress=False)
+    with pytest.raises(ValueError, match=r"class_names must name all 5 outputs or the 5 chosen classes; got 3 names"):
+        chip_ext.distill(SmallCNN(), batches(1), "relu2", class_names=["a", "b", "c"], progress=False)
+
+
+def test_checkpoint_that_cannot_be_written_is_refused_before_the_pass(tmp_path):
+    import os
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"checkpoint .*file/run.ckpt: .*file is a file, not a folder"):
+        chip_ext.distill(SmallCNN(), Untouchable(), "relu2", checkpoint=blocker / "run.ckpt", progress=False)
+    with pytest.raises(ValueError, match=r"checkpoint .* is a folder"):
+        chip_ext.distill(SmallCNN(), Untouchable(), "relu2", checkpoint=tmp_path, progress=False)
+    if os.geteuid() != 0:  # root writes into read-only folders
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match=r"checkpoint .*ro/run.ckpt cannot be written"):
+            chip_ext.distill(SmallCNN(), Untouchable(), "relu2", checkpoint=ro / "run.ckpt", progress=False)
 
 
 def test_empty_loader():

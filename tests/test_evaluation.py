@@ -27,3 +27,21 @@ def test_distill_then_evaluate_cli(tmp_path):
         m = result["methods"][name]
         assert 0 <= m["at_calibrated_threshold"]["gt_known_loc"] <= 1
         assert 0 <= m["max_box_acc_all_images"] <= 1 and m["calibrated_threshold"] in result["thresholds"]
+
+
+def test_peer_gradcam_leaves_the_model_alone(resnet):
+    """pytorch-grad-cam calls model.eval() and hooks the target layer: it runs on a private inference
+    view, so the user's model keeps its mode and gets no hooks."""
+    import torch
+
+    from chip_ext.evaluation import _peer_gradcam
+
+    resnet.train()
+    try:
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        maps = _peer_gradcam(resnet, "layer4")(x, torch.tensor([1, 2]))
+        assert maps.shape == (2, 64, 64) and float(maps.max()) > 0
+        assert resnet.training and all(m.training for m in resnet.modules())
+        assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in resnet.modules())
+    finally:
+        resnet.eval()
