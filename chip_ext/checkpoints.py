@@ -3,6 +3,7 @@ one file per process (or per rank under torch.distributed: `<path>.rank<r>of<wor
 `.complete`), and read back only when they were written by the same configuration and model."""
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,12 +64,24 @@ def foreign_checkpoints(path: Path, found: dict, rank: int, world: int) -> str |
     return None
 
 
+def checksum(state: dict) -> str:
+    """sha256 of the running sums (every layer's accumulators, in order) and the counters: a flipped
+    bit in the file is found on load instead of resuming with wrong sums."""
+    h = hashlib.sha256()
+    h.update(f"{state['seen']}:{state['position']}:{state['complete']}".encode())
+    for name in sorted(state["layers"]):
+        for t in state["layers"][name]["acc"] or []:
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def write_checkpoint(state: dict, path: Path, rank: int = 0, world: int = 1) -> Path:
     """Writes `state` (from the run; "complete" and "position" say which file) atomically. Under
     torch.distributed the rank's file is named by its position, and the rank keeps the newest other
     position besides it: a rank killed while saving still shares the previous one with the others."""
     path = Path(path)
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    state["checksum"] = checksum(state)
     if world == 1:
         atomic_save(state, path)
         return path
@@ -98,6 +111,9 @@ def read_checkpoint(path: Path, config: dict) -> dict:
         raise ValueError(f"checkpoint {path} has format version {version}; this chip_ext reads version "
                          f"{CHECKPOINT_VERSION}: {why}. Distil again with another checkpoint path "
                          "(or delete the file)")
+    if state.get("checksum") != checksum(state):
+        raise ValueError(f"checkpoint {path} is corrupt: its sums do not match the checksum written with them. "
+                         "Delete it (or pass another checkpoint path) and distil again")
     if state["config"] != config:
         diff = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
         raise ValueError(

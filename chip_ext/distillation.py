@@ -51,6 +51,13 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def image_fingerprint(image: Tensor) -> str:
+    """sha256 (16 hex digits) of one image's shape and values."""
+    h = hashlib.sha256(f"{tuple(image.shape)}:{image.dtype}".encode())
+    h.update(image.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def images_of(batch: Any, position: int) -> Tensor:
     """The image tensor [B, C, H, W] of one loader item: a tensor, a (images, ...) tuple/list, or a
     dict with an "image" key. A single image [C, H, W] counts as a batch of one."""
@@ -326,8 +333,13 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
                    device, batch_size, memory_budget, autocast_dtype, stages, rank=rank, world=world,
                    shard=shard_accumulators)
         run.class_names_count = None if class_names is None else len(class_names)
+        dataset = getattr(loader, "dataset", None)
+        run.loader_images = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+        run.max_images = max_images
         resumed = run.resume(checkpoint) if checkpoint is not None else False
-        if not run.complete:
+        if run.complete:
+            run.check_finished_run(loader, checkpoint)
+        else:
             run.stream(loader, progress, checkpoint, checkpoint_every, max_images)
             if world > 1:
                 run.finish()
@@ -394,6 +406,10 @@ class _Run:
         self.batch_size, self.memory_budget = batch_size, memory_budget
         self.autocast_dtype, self.stages = autocast_dtype, stages
         self.class_names_count: int | None = None  # checked against the outputs at the first batch
+        self.first_image: str | None = None  # fingerprint of the loader's first image (resume checks it)
+        self.max_images: int | None = None
+        self.loader_images: int | None = None  # len(loader.dataset) when it has one
+        self.recorded: dict = {}  # max_images and loader_images of the run that wrote the checkpoint
         self.classes: list[int] | None = None if classes is None else [int(c) for c in classes]
         self.num_outputs: int | None = None
         self.position = 0  # images consumed from the loader (all ranks together)
@@ -412,6 +428,7 @@ class _Run:
             "config": self.config, "seen": self.seen,
             "position": self.position, "complete": self.complete, "classes": self.classes,
             "num_outputs": self.num_outputs, "world": self.world, "rank": self.rank,
+            "first_image": self.first_image, "max_images": self.max_images, "loader_images": self.loader_images,
             "layers": {s.name: {"shape": s.shape, "sigma": s.sigma, "rows": s.rows,
                                 "acc": None if s.acc is None else [t.cpu() for t in s.acc]}
                        for s in self.states},
@@ -425,6 +442,11 @@ class _Run:
         self.seen, self.complete = int(state["seen"]), bool(state["complete"])
         self.position = int(state["position"])
         self.resumed_at = self.position
+        self.first_image = state["first_image"]
+        self.recorded = {"max_images": state["max_images"], "loader_images": state["loader_images"]}
+        if not self.complete and self.max_images is not None and self.position > self.max_images:
+            raise ValueError(f"checkpoint {path} already holds {self.position} images, more than max_images="
+                             f"{self.max_images}; pass max_images >= {self.position} (or None), or another path")
         self.classes, self.num_outputs = state["classes"], state["num_outputs"]
         if self.classes is not None:
             self._class_index = torch.tensor(self.classes, device=self.device)
@@ -487,6 +509,8 @@ class _Run:
         try:
             for item_index, item in enumerate(loader):
                 x = images_of(item, item_index)
+                if item_index == 0:
+                    self._check_first_image(x, checkpoint)
                 B = x.shape[0]
                 if skip >= B:
                     skip -= B
@@ -521,11 +545,43 @@ class _Run:
                     break
         finally:
             bar.close()
+        if skip > 0:
+            raise ValueError(f"the loader ended after {position} images, but checkpoint {checkpoint} holds "
+                             f"{self.position}: another (shorter) loader? Resume with the same loader, or pass "
+                             "another checkpoint path")
         if self.world > 1:
             return  # the emptiness check happens in finish(), on the total over ranks
         if self.seen == 0:
             raise ValueError("the loader produced no images (empty loader, or all of them were "
                              "already in the checkpoint's sums)")
+
+    def _check_first_image(self, x: Tensor, checkpoint) -> None:
+        """The loader's first image must be the one the checkpoint was written with: another loader,
+        order or preprocessing would add other images' sums to the old ones."""
+        fp = image_fingerprint(x[0])
+        if self.first_image is None:
+            self.first_image = fp
+        elif fp != self.first_image:
+            raise ValueError(f"the loader's first image is not the one checkpoint {checkpoint} was written with "
+                             "(another dataset, order, transform or batch layout): resume with the same loader, "
+                             "or pass another checkpoint path")
+
+    def check_finished_run(self, loader, checkpoint) -> None:
+        """A finished checkpoint is re-solved without reading the images; it must be the same run:
+        max_images and the dataset's length as recorded, and the loader's first image (read when the
+        loader has any: pass an empty list to re-solve from the sums alone)."""
+        recorded = self.recorded
+        if recorded.get("max_images") != self.max_images:
+            raise ValueError(f"checkpoint {checkpoint} is a finished run with max_images={recorded.get('max_images')}; "
+                             f"now max_images={self.max_images}. Pass the same max_images, or another checkpoint path "
+                             "for another run")
+        if None not in (recorded.get("loader_images"), self.loader_images) \
+                and recorded["loader_images"] != self.loader_images:
+            raise ValueError(f"checkpoint {checkpoint} was finished over a dataset of {recorded['loader_images']} images; "
+                             f"this loader's has {self.loader_images}: another dataset? Pass another checkpoint path")
+        for item_index, item in enumerate(loader):
+            self._check_first_image(images_of(item, item_index), checkpoint)
+            break
 
     def _check_finite(self, t: Tensor, what: str, indices: list[int]) -> None:
         """Queues a NaN/Inf check of t: Tensor[B, ...] (one flag per image, no device sync);

@@ -1,8 +1,10 @@
 """`Importance`: the class-by-channel importance matrices W that distillation learns, per layer."""
 from __future__ import annotations
 
+import glob
 import os
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -117,17 +119,31 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+TEMP_SUFFIX = ".partial"
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over `path`: a reader sees
+    the old file or the new one, never half of one. The file gets the mode torch.save would give it
+    (0666 less the umask). Temporary files of `path` left by a process killed while writing are
+    removed first. A failed write (e.g. a full disk) raises OSError naming the file and the cause."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(f"could not write {path}: {err}"
+                          + (f" (the disk is full: {free} bytes free in {path.parent})" if free < (64 << 20) else "")
+                          ) from err
         raise
