@@ -116,12 +116,13 @@ def bench(name, args, device):
 
     runs = {}
     for label, dtype in [("fp32", None)] + ([("bf16 autocast", torch.bfloat16)] if device.type == "cuda" else []):
+        budget = None if args.memory_budget_mib is None else int(args.memory_budget_mib * 2**20)
         chip_ext.distill(model, loader[:1], layer, num_perturbations=N, classes=classes, progress=False,
-                         autocast_dtype=dtype)  # warm-up
+                         autocast_dtype=dtype, memory_budget=budget)  # warm-up
         sync(device)
         t0 = time.perf_counter()
         imp = chip_ext.distill(model, loader, layer, num_perturbations=N, classes=classes, progress=False,
-                               autocast_dtype=dtype, profile=True)
+                               autocast_dtype=dtype, profile=True, memory_budget=budget)
         sync(device)
         total = time.perf_counter() - t0
         solve = imp.meta["timing_s"]["solve"]
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=64 if gpu else 16)
     p.add_argument("--batch", type=int, default=16 if gpu else 4)
     p.add_argument("--naive-images", type=int, default=4 if gpu else 2)
+    p.add_argument("--memory-budget-mib", type=float, default=None,
+                   help="distill's memory_budget (default: chip_ext's default for the device)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -182,6 +185,7 @@ def main(argv=None) -> int:
               f"{r['naive']['perturbed_nets_per_s']:9.1f} nets/s   -> chip_ext {r['speedup_vs_naive']:.1f}x faster",
               flush=True)
     record = {"benchmark": "bench_distill", "device": name, "device_type": device.type,
+              "memory_budget_mib": args.memory_budget_mib,
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
               "chip_ext": chip_ext.__version__, "threads": torch.get_num_threads(), "results": results}
     out = args.out or RESULTS / f"distill-{slug(name if device.type == 'cuda' else 'cpu-' + name)}.json"

@@ -39,15 +39,27 @@ DEFAULT_LAM_RATIO = 0.1
 # ---------------------------------------------------------------------------------- helpers
 
 
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 (16 hex digits) of the names, shapes, dtypes and values of the model's parameters and
-    buffers: a checkpoint resumes only with the same weights (the same architecture with other weights
-    would add sums of another network to the old ones). Values are read on the CPU."""
+    """sha256 (16 hex digits) of the names, shapes and dtypes of the model's parameters and buffers and
+    of their values: per tensor the integer sum of its bit patterns (exact, so the same on any device
+    and thread count) and 256 evenly strided elements. (A full hash of VGG16's 553 MB took longer than
+    distilling 16 images.) A checkpoint resumes only with the same weights: the same architecture with
+    other weights would add another network's sums to the old ones."""
     h = hashlib.sha256()
+    summaries = []
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        if t.device.type != "meta" and t.numel():
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        if t.device.type == "meta" or not t.numel():
+            continue
+        flat = t.detach().reshape(-1)
+        bits = flat.view(_INT_OF_SIZE[flat.element_size()]) if flat.element_size() in _INT_OF_SIZE else flat
+        summaries.append((bits.sum(dtype=torch.int64).cpu(), flat[::max(1, flat.numel() // 256)][:256].cpu()))
+    for total, sample in summaries:
+        h.update(total.numpy().tobytes())
+        h.update(sample.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -151,10 +163,62 @@ def _free_bytes(device: torch.device) -> int | None:
     return None
 
 
+CPU_MEMORY_BUDGET = 32 << 20  # measured: benchmarks/results/memory_budget-cpu-amd-epyc-2-threads.json
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes of gated copies and suffix activations per suffix call: on a GPU an eighth of its free
+    memory (at least 64 MiB), large batches for the GPU; on the CPU 32 MiB, where fresh large tensors
+    cost page faults (EfficientNet-Lite0 blocks.4: 6.4 s at 256 MiB, 3.4 s at 32 MiB, 7.3 s at 2 MiB)."""
+    if device.type == "cuda":
+        return max(64 << 20, torch.cuda.mem_get_info(device)[0] // 8)
+    return CPU_MEMORY_BUDGET
+
+
 def _fmt_bytes(n: float) -> str:
     if n < 2**20:
         return f"{n / 2**10:.1f} KiB"
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+class _PeakMeter(torch.fx.Interpreter):
+    """Runs a traced suffix node by node and keeps the largest (inputs + output) bytes of a node:
+    what must be alive at once in a no-grad forward, short of the allocator's own slack."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.peak = 0
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        size = _tensor_bytes(out) + sum(_tensor_bytes(self.env[a]) for a in n.all_input_nodes if a in self.env)
+        self.peak = max(self.peak, size)
+        return out
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _pieces(B: int, N: int, copies: int, start: int = 0) -> list[tuple[int, int, int, int]]:
+    """Suffix calls (i0, i1, n0, n1) covering images 0..B-1 x perturbations 0..N-1 from the pair
+    `start` (= image * N + perturbation) on, at most `copies` gated copies each: runs of one image's
+    perturbations while N copies do not fit, else whole images."""
+    pieces = []
+    i, n = divmod(start, N)
+    if n and i < B:  # finish the image begun
+        pieces += [(i, i + 1, m, min(N, m + copies)) for m in range(n, N, copies)]
+        i += 1
+    if copies >= N:
+        per = copies // N
+        pieces += [(j, min(B, j + per), 0, N) for j in range(i, B, per)]
+    else:
+        pieces += [(j, j + 1, m, min(N, m + copies)) for j in range(i, B) for m in range(0, N, copies)]
+    return pieces
 
 
 class _Stages:
@@ -189,6 +253,8 @@ class _LayerState:
         self.rows: tuple[int, int] | None = None  # the classes [r0, r1) whose sums acc holds
         self.shape: list[int] | None = None  # [K, H, W] of the first batch
         self.sigma: float | None = None
+        self.copy_bytes: int | None = None  # memory one gated copy takes through the suffix (estimate)
+        self.h_checked = False
 
 
 # ---------------------------------------------------------------------------------- distill
@@ -227,7 +293,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         dependence on batch size: oneDNN/cuBLAS pick kernels by shape, ~1e-7 relative).
     device: where to run (default: the model's device); the model is moved there and back.
     batch_size: images per step (default: the loader's batches). memory_budget: bytes of gated
-        activations per suffix call (default 256 MiB on CPU, 1/8 of free GPU memory).
+        copies and the suffix's activations per suffix call (default 32 MiB on CPU, 1/8 of free GPU
+        memory; see `default_memory_budget`).
     checkpoint: a file to write the running sums to every `checkpoint_every` seconds and at the
         end; calling again with the same file resumes (and re-solves, if the pass had finished).
     autocast_dtype: e.g. torch.bfloat16 to run the suffix under autocast (GPU).
@@ -300,8 +367,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if memory_budget is None:
-        free = _free_bytes(device) if device.type == "cuda" else None
-        memory_budget = max(64 << 20, free // 8) if free else 256 << 20
+        memory_budget = default_memory_budget(device)
 
     # ---- split the model (checks the layers and the cut before any work). The model itself is left
     # alone (no eval(), no .to()): another thread may be using it; its inference view runs instead.
@@ -647,39 +713,53 @@ class _Run:
 
     def _suffix_logits(self, s: _LayerState, A: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
         """Logits of the N gated networks of every image [B, N, C_out], in memory-bounded chunks, and
-        the pooled activations a = mean_hw(A) [B, K] (gate_pool's z of the ungated row 0)."""
+        the pooled activations a = mean_hw(A) [B, K] (gate_pool's z of the ungated row 0).
+
+        memory_budget bounds the gated copies and the suffix's activations together: the first piece
+        of a layer is one copy, run node by node to measure the suffix's peak (`_PeakMeter`)."""
         B, K, H, W = A.shape
         N = gates.shape[1]
-        copies = max(1, self.memory_budget // max(1, K * H * W * A.element_size()))
-        # pieces (i0, i1, n0, n1): whole images while N copies fit the budget, else runs of perturbations
-        if copies >= N:
-            per = max(1, copies // N)
-            pieces = [(i, min(B, i + per), 0, N) for i in range(0, B, per)]
-        else:
-            pieces = [(i, i + 1, n, min(N, n + copies)) for i in range(B) for n in range(0, N, copies)]
         result: Tensor | None = None
         a = torch.empty(B, K, dtype=torch.float32, device=A.device)
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else None)
-        for i0, i1, n0, n1 in pieces:
-            with self.stages("gate_pool"):
-                gated, z = ops.gate_pool(A[i0:i1], gates[i0:i1, n0:n1])
-                if n0 == 0:  # row 0 is the unperturbed network: z = mean_hw(A)
-                    a[i0:i1] = z[:, 0]
-            with self.stages("suffix"):
-                if autocast is not None:
-                    with autocast:
-                        logits = s.suffix(gated)
-                else:
-                    logits = s.suffix(gated)
-            if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != gated.shape[0]:
-                shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-                raise ValueError(f"the model's output after layer {s.name!r} must be logits [M, C_out] "
-                                 f"for M={gated.shape[0]} inputs; got {shape}")
+        start = 0  # the first (image, perturbation) pair not yet run, as image * N + perturbation
+        if s.copy_bytes is None:
+            logits = self._suffix_piece(s, A, gates, a, 0, 1, 0, 1, measure=True)
+            result = torch.empty(B, N, logits.shape[1], dtype=torch.float32, device=logits.device)
+            result[0, 0] = logits[0].float()
+            start = 1
+        copies = max(1, self.memory_budget // max(1, s.copy_bytes))
+        for i0, i1, n0, n1 in _pieces(B, N, copies, start):
+            logits = self._suffix_piece(s, A, gates, a, i0, i1, n0, n1)
             if result is None:
                 result = torch.empty(B, N, logits.shape[1], dtype=torch.float32, device=logits.device)
             result[i0:i1, n0:n1] = logits.float().reshape(i1 - i0, n1 - n0, -1)
         return result, a
+
+    def _suffix_piece(self, s: _LayerState, A: Tensor, gates: Tensor, a: Tensor, i0: int, i1: int, n0: int,
+                      n1: int, measure: bool = False) -> Tensor:
+        """Logits [(i1-i0)*(n1-n0), C_out] of images i0:i1, perturbations n0:n1; fills a[i0:i1] when
+        n0 = 0. measure: run the suffix node by node and set s.copy_bytes (one gated copy + the peak)."""
+        with self.stages("gate_pool"):
+            gated, z = ops.gate_pool(A[i0:i1], gates[i0:i1, n0:n1])
+            if n0 == 0:  # row 0 is the unperturbed network: z = mean_hw(A)
+                a[i0:i1] = z[:, 0]
+        run = s.suffix
+        if measure:
+            meter = _PeakMeter(s.suffix)
+            run = meter.run
+        with self.stages("suffix"):
+            if self.autocast_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    logits = run(gated)
+            else:
+                logits = run(gated)
+        if measure:
+            s.copy_bytes = A[0].numel() * A.element_size() + meter.peak
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != gated.shape[0]:
+            shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"the model's output after layer {s.name!r} must be logits [M, C_out] "
+                             f"for M={gated.shape[0]} inputs; got {shape}")
+        return logits
 
     def _statistics(self, s: _LayerState, x: Tensor, indices: list[int]):
         """One layer's per-image statistics of the images x: a [B, K], gates [B, N, K] bool,

@@ -295,14 +295,28 @@ def test_gate_pool_cuda_misaligned_falls_back(dtype):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_gram_cuda_ignores_global_tf32():
-    """TF32 would cost ~1e-3 relative error; the kernel turns it off and restores the setting."""
+    """TF32 would cost ~1e-3 relative error; the GEMMs run in float64, so the process-wide TF32 switch
+    neither matters nor is touched (another thread may be relying on it)."""
+    import threading
+
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
+    seen, stop = set(), threading.Event()
+
+    def watch():  # another thread, looking at the switch all along
+        while not stop.is_set():
+            seen.add(torch.backends.cuda.matmul.allow_tf32)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     try:
-        check_gram(*make_gram_inputs(16, 20, 256, 50, device="cuda"), rtol=2e-6)
-        assert torch.backends.cuda.matmul.allow_tf32 is True
+        for _ in range(3):
+            check_gram(*make_gram_inputs(16, 20, 256, 50, device="cuda"), rtol=2e-6)
     finally:
+        stop.set()
+        watcher.join()
         torch.backends.cuda.matmul.allow_tf32 = previous
+    assert seen == {True}
 
 
 @pytest.mark.cuda

@@ -2,10 +2,12 @@
 //
 // For a chunk of images s (temporaries bounded by kGramWorkspaceBytes):
 //   M_s = pack_triu((D_s^T diag(h_s) D_s) ⊙ a_s a_s^T)   weighted_gram_kernel, float32   [Bc, P]
-//   G  += F^T M                                          cuBLAS SGEMM, float32 operands, TF32 off,
-//                                                        column chunks added into the float64 sums
-//   b  += U^T Z,  y += sum U ⊙ g,  n += F^T sum_n h      float32 GEMM/reductions, added in float64
-//   zs += F^T (sum_n h_sn z_sn),  gs += sum U           (first moments, for an intercept)
+//   G  += F^T M                                          float64 GEMM straight into the sums
+//   b  += U^T Z,  n += F^T sum_n h,  zs += F^T (sum_n h_sn z_sn)     float64 GEMM/GEMV
+//   y  += sum U ⊙ g,  gs += sum U                                    float32 reductions, added in float64
+// The GEMMs run in float64, not float32 with TF32 switched off: the TF32 switch is process-wide
+// (another thread's matmul would change precision), and on the GPUs we target (H100/H200, A100)
+// float64 GEMMs run at the float32 non-TF32 rate.
 // All on the current stream; launch errors checked.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -75,17 +77,6 @@ __global__ void weighted_gram_kernel(const float* __restrict__ d, const float* _
   }
 }
 
-// Turns TF32 off for cuBLAS while alive, whatever the global setting, and restores it.
-struct NoTF32 {
-  bool previous;
-  NoTF32() : previous(at::globalContext().allowTF32CuBLAS()) {
-    if (previous) at::globalContext().setAllowTF32CuBLAS(false);
-  }
-  ~NoTF32() {
-    if (previous) at::globalContext().setAllowTF32CuBLAS(true);
-  }
-};
-
 }  // namespace
 
 void gram_accumulate_cuda(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tensor& n,
@@ -95,16 +86,13 @@ void gram_accumulate_cuda(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tenso
   check_gram_inputs(G, b, y, n, zs, gs, a_in, gates_in, h_in, f_in, g_in);
   TORCH_CHECK(G.is_cuda(), "gram_accumulate_cuda: G is on ", G.device());
   const c10::cuda::CUDAGuard guard(G.device());
-  const NoTF32 no_tf32;
   const int64_t B = a_in.size(0), K = a_in.size(1), N = gates_in.size(1), C = f_in.size(1);
   const int64_t P = packed_size(K);
   TORCH_CHECK_VALUE(K <= 46340, "gram_accumulate: K=", K, " is too large (K^2 must fit in 31 bits)");
 
-  // float32 bytes of temporaries per image: M, d, U, U*g, Z.
-  const int64_t per_image = 4 * (P + 2 * N * K + 2 * N * C + C);
+  // bytes of temporaries per image: M (float32 and float64), d, Z (both), U (both), U*g, f (float64).
+  const int64_t per_image = 12 * P + 16 * N * K + 16 * N * C + 8 * C;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>({B, kGramWorkspaceBytes / per_image, 65535}));
-  // Columns of G per partial product F^T M[:, p0:p1] (float32 [C, Pc]).
-  const int64_t cols = std::max<int64_t>(1, std::min<int64_t>(P, kGramWorkspaceBytes / (4 * C)));
   const int ntiles = int((K + kTile - 1) / kTile);
   const int64_t tile_pairs = int64_t(ntiles) * (ntiles + 1) / 2;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -124,18 +112,15 @@ void gram_accumulate_cuda(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tenso
         M.mutable_data_ptr<float>(), int(N), int(K), ntiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const at::Tensor ft = f.t();
-    for (int64_t p0 = 0; p0 < P; p0 += cols) {
-      const int64_t pc = std::min(cols, P - p0);
-      G.narrow(1, p0, pc).add_(at::mm(ft, M.narrow(1, p0, pc)));
-    }
+    const at::Tensor ft = f.t().to(at::kDouble);  // [C, bc]
+    G.addmm_(ft, M.to(at::kDouble));
 
     const at::Tensor U = (g * h.unsqueeze(2) * f.unsqueeze(1)).reshape({bc * N, C});
     const at::Tensor Z = (d * a.unsqueeze(1)).reshape({bc * N, K});
-    b.add_(at::mm(U.t(), Z));
+    b.addmm_(U.t().to(at::kDouble), Z.to(at::kDouble));
     y.add_((U * g.reshape({bc * N, C})).sum(0));
-    n.add_(at::mv(ft, h.sum(1)));
-    zs.add_(at::mm(ft, at::bmm(h.unsqueeze(1), d).squeeze(1) * a));
+    n.addmv_(ft, h.sum(1).to(at::kDouble));
+    zs.addmm_(ft, ((d * h.unsqueeze(2)).sum(1) * a).to(at::kDouble));
     gs.add_(U.sum(0));
   }
 }
