@@ -262,7 +262,7 @@ class _LayerState:
 
 def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
             classes: Sequence[int] | None = None, num_perturbations: int = 100,
-            sigma: float | None = None, lam: float | None = None, lam_ratio: float | None = None,
+            sigma: float | dict[str, float] | None = None, lam: float | None = None, lam_ratio: float | None = None,
             rho: float | None = None, target: str | Callable[[Tensor], Tensor] = "prob",
             seed: int = 0, device: str | torch.device | None = None, batch_size: int | None = None,
             checkpoint: str | Path | None = None, progress: bool = True, max_drop: float = 0.5,
@@ -278,7 +278,10 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         "image" key. Its order must be the same on every pass (for resuming from a checkpoint).
     layers: a module name from model.named_modules(), or a list of them.
     classes: the model outputs to explain (default: all). num_perturbations: N gated networks per
-        image, the unperturbed one included. sigma: proximity width (default sqrt(K/4)).
+        image, the unperturbed one included. sigma: proximity width, h = exp(-||d-1||²/σ²): None
+        (default √(K/4) per layer), one number for every layer, or {layer: σ} (layers left out get the
+        default). One absolute σ suits one K only: at a layer with more channels the same σ drives h
+        of every perturbed network to ~0, and distill warns when that happens.
     lam: λ on the normalised objective (absolute); lam_ratio: λ as a fraction of each class's λ_max
         (give at most one; default lam_ratio=0.1). rho: the starting ADMM penalty (default:
         trace(Ĝ_c)/K; adapted during the solve). max_iter, tol: the solver's (`admm_lasso`).
@@ -328,8 +331,15 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     _float_arg("tol", tol, positive=True)
     _float_arg("checkpoint_every", checkpoint_every, positive=False)
     _float_arg("max_drop", max_drop, positive=False, upper=1.0)
-    for name, value, strict in (("sigma", sigma, True), ("rho", rho, True), ("lam", lam, False),
-                                ("lam_ratio", lam_ratio, False)):
+    if isinstance(sigma, dict):
+        unknown = [k for k in sigma if k not in layer_list]
+        if unknown:
+            raise ValueError(f"sigma has layers {unknown} that are not in layers {layer_list}")
+        for name, value in sigma.items():
+            _float_arg(f"sigma[{name!r}]", value, positive=True)
+        sigma = {k: float(v) for k, v in sigma.items()}
+    for name, value, strict in (("sigma", None if isinstance(sigma, dict) else sigma, True), ("rho", rho, True),
+                                ("lam", lam, False), ("lam_ratio", lam_ratio, False)):
         if value is not None:
             _float_arg(name, value, positive=strict)
     if lam is not None and lam_ratio is not None:
@@ -690,7 +700,8 @@ class _Run:
         if s.shape is None:
             s.shape = list(shape)
         if s.sigma is None:
-            s.sigma = float(self.sigma_arg) if self.sigma_arg is not None else default_sigma(K)
+            given = self.sigma_arg.get(s.name) if isinstance(self.sigma_arg, dict) else self.sigma_arg
+            s.sigma = float(given) if given is not None else default_sigma(K)
 
     def _allocate(self, s: _LayerState) -> None:
         """Accumulators of a layer (all classes, or this rank's block when sharded); checks first that
@@ -780,6 +791,16 @@ class _Run:
             gates = sample_gates(indices, self.N, K, seed=self.seed, layer=s.name,
                                  max_drop=self.max_drop, device=self.device)
             h = proximity(gates, s.sigma)
+        if not s.h_checked and self.N > 1:
+            s.h_checked = True
+            perturbed = ~gates.all(dim=-1)  # rows with at least one channel off: the informative ones
+            mean_h = float(h[perturbed].mean()) if bool(perturbed.any()) else 1.0
+            if mean_h < 1e-3:
+                warnings.warn(
+                    f"layer {s.name!r}: the proximity weights h = exp(-||d-1||²/σ²) of the perturbed networks "
+                    f"average {mean_h:.1e} with sigma={s.sigma:.3g} at K={K} channels: the fit sees almost only "
+                    f"the unperturbed network. The default there is sqrt(K/4)={default_sigma(K):.3g}; pass sigma=None "
+                    "or a {layer: sigma} dict", UserWarning, stacklevel=4)
         logits, a = self._suffix_logits(s, A, gates)  # [B, N, C_out], [B, K]
         self._check_finite(logits, f"the scores after perturbing layer {s.name!r}", indices)
         self._setup_classes(logits.shape[-1])

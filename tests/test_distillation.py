@@ -605,3 +605,25 @@ def test_memory_budget_counts_the_suffix_activations():
     assert rec.sizes[0] == 1  # the first copy is measured
     # one copy takes the gated input + wide's input and output (33x a copy): no call takes 8 copies now
     assert max(rec.sizes[1:]) < 8 and sum(rec.sizes) == 4 * 8
+
+
+def test_sigma_per_layer_and_a_warning_when_h_collapses():
+    """Issue 14.7: one absolute sigma for every layer: at the wider layer h of every perturbed network
+    is ~0 and the fit sees only the unperturbed one; sigma can be given per layer, and distill warns."""
+    model = SmallCNN()  # conv1: K=8, relu2: K=12
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        imp = chip_ext.distill(model, batches(2), ["conv1", "relu2"], num_perturbations=6, sigma=0.3, progress=False)
+    messages = [str(w.message) for w in caught]
+    for layer, K in (("conv1", 8), ("relu2", 12)):
+        assert any(f"layer {layer!r}: the proximity weights" in m and f"sigma=0.3 at K={K}" in m for m in messages)
+    assert imp.meta["sigma_used"] == {"conv1": 0.3, "relu2": 0.3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        imp = chip_ext.distill(model, batches(2), ["conv1", "relu2"], num_perturbations=6,
+                               sigma={"conv1": 1.5}, progress=False)
+    assert imp.meta["sigma_used"] == {"conv1": 1.5, "relu2": math.sqrt(12 / 4)}
+    with pytest.raises(ValueError, match=r"sigma has layers \['fc'\] that are not in layers"):
+        chip_ext.distill(model, Untouchable(), "relu2", sigma={"fc": 1.0}, progress=False)
+    with pytest.raises(ValueError, match=r"sigma\['relu2'\] must be a finite number > 0; got -1"):
+        chip_ext.distill(model, Untouchable(), "relu2", sigma={"relu2": -1}, progress=False)
