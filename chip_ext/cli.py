@@ -123,7 +123,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     samples = data.find_localization_samples(args.data)
     if args.limit:
         samples = samples[: args.limit]
-    dataset = data.LocalizationDataset(samples, size=args.size)
+    dataset = data.LocalizationDataset(samples, size=args.size, interpolation=pre.interpolation)
+    seen = (imp.meta.get("preprocess") or {}).get("geometry") if imp is not None else None
+    if seen is not None and not seen.startswith("squash"):
+        print(f"warning: the importance was distilled on images seen as '{seen}'; evaluation squashes them to "
+              f"{args.size}x{args.size} (the localisation protocol). Distil with --squash for W learned on what "
+              "is evaluated.", file=sys.stderr)
     fns = evaluation.standard_methods(model, methods, importance=imp, layer=layer, cam_layer=args.cam_layer)
     result = evaluation.evaluate(model, dataset, fns, pre.normalize, batch_size=args.batch_size,
                                  progress=not args.quiet)
@@ -153,6 +158,10 @@ def _distill(args: argparse.Namespace) -> int:
         started_here = True
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model, pre = models.load(args.model, args.weights)
+    if args.squash:
+        import dataclasses
+
+        pre = dataclasses.replace(pre, squash=True)
     dataset = data.ImageNetTrain(args.data, pre, per_class=args.per_class)
     classes_in_data = dataset.classes
     if world > 1:  # each rank decodes only the images it forwards
@@ -169,6 +178,7 @@ def _distill(args: argparse.Namespace) -> int:
                   progress=not args.quiet)
     imp.meta["data"] = str(args.data)
     imp.meta["model_spec"] = args.model
+    imp.meta["preprocess"] = pre.describe()
     if rank == 0:  # every rank holds the same Importance; one writes it
         imp.save(args.out)
         print(f"wrote {args.out}: {imp}; {imp.meta['images_seen']} images, N={args.perturbations}")
@@ -239,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--per-class", type=int, default=None, help="images per class (default: all)")
     di.add_argument("--perturbations", type=int, default=100)
     di.add_argument("--lam-ratio", type=float, default=None)
+    di.add_argument("--squash", action="store_true",
+                    help="resize images to the model's size without keeping the aspect ratio (as chip-ext evaluate "
+                         "and weakly-supervised localisation do) instead of resize + centre-crop")
     di.add_argument("--fit-intercept", action="store_true",
                     help="an unpenalised intercept per class in the Lasso (scikit-learn's fit_intercept)")
     di.add_argument("--positive", action="store_true", help="non-negative channel weights (scikit-learn's positive)")

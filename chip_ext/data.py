@@ -211,18 +211,22 @@ class LocalizationDataset(Dataset):
 
     Items: (display image Tensor[3, S, S] in [0, 1], label, boxes np.ndarray[k, 4] int). Normalise
     for the model with its Preprocess.normalize. The stored image's own size is used for the boxes
-    (so 224 x 224 copies and full-resolution originals give the same boxes)."""
+    (so 224 x 224 copies and full-resolution originals give the same boxes). interpolation: the
+    model's own ("bicubic" for EfficientNet-Lite0; `Preprocess.interpolation`), as distillation used."""
 
-    def __init__(self, samples: Sequence[LocSample], size: int = 224):
+    def __init__(self, samples: Sequence[LocSample], size: int = 224, interpolation: str = "bilinear"):
         if not samples:
             raise ValueError("no localisation samples")
-        self.samples, self.size = list(samples), size
+        if interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"interpolation must be bilinear, bicubic or nearest; got {interpolation!r}")
+        self.samples, self.size, self.interpolation = list(samples), size, interpolation
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         from PIL import Image
+        from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
         s = self.samples[i]
@@ -230,7 +234,8 @@ class LocalizationDataset(Dataset):
             img = img.convert("RGB")
             # the boxes refer to the annotation's image size; scaling from it is right for any
             # stored copy of the image (224 x 224 squashed or original)
-            x = TF.to_tensor(img.resize((self.size, self.size), Image.BILINEAR))
+            # the same call as Preprocess(squash=True): distillation with --squash saw the same pixels
+            x = TF.to_tensor(TF.resize(img, [self.size, self.size], interpolation=InterpolationMode(self.interpolation)))
         boxes = np.array([resize_box(b, s.size, (self.size, self.size)) for b in s.boxes], dtype=np.int64).reshape(-1, 4)
         return x, s.label, boxes
 

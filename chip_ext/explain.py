@@ -74,7 +74,8 @@ def explain(model: nn.Module, images: Tensor, importance: Importance, *, method:
 
     images: Tensor[B, 3, H, W] (preprocessed as the model expects). importance: from chip_ext.distill.
     method: "chip" (one layer: `layer`, default the importance's last layer in forward order),
-        "refined" (the product of the CHIP maps of the importance's first and last layers),
+        "refined" (the product of the CHIP maps of the importance's first and last layers, min-max
+        normalised again),
         "guided_chip" (guided backprop x the CHIP map; returns Tensor[B, 3, H, W]).
     target: None (each image's top-1 prediction), a class index, a class name, or one per image.
     Returns Tensor[B, H, W] in [0, 1] at the input resolution, on the images' device.
@@ -91,7 +92,9 @@ def explain(model: nn.Module, images: Tensor, importance: Importance, *, method:
             raise ValueError(f"method='refined' needs an importance with two layers or more; it has {layers}")
         last, t = chip_maps(model, images, importance, layers[-1], target)
         first, _ = chip_maps(model, images, importance, layers[0], t)
-        return first * last
+        # the product of two [0, 1] maps peaks below 1 (0.3 was seen): min-max again, so a map
+        # rendered as uint8 keeps its 256 grey levels instead of ~76
+        return normalize_maps(first * last)
     maps, t = chip_maps(model, images, importance, layer or layers[-1], target)
     if method == "guided_chip":
         return guided_backprop(model, images, t) * maps.unsqueeze(1)

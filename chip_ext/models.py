@@ -24,13 +24,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Preprocess:
-    """Resize the shorter side to `resize`, centre-crop `size`, scale to [0, 1], normalise."""
+    """Resize the shorter side to `resize`, centre-crop `size`, scale to [0, 1], normalise; or, with
+    squash=True, resize to size x size without keeping the aspect ratio (what weakly-supervised
+    localisation evaluations do, `chip-ext evaluate` among them)."""
 
     size: int = 224
     resize: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    squash: bool = False
 
     def display(self, image) -> Tensor:
         """PIL image -> Tensor[3, size, size] in [0, 1] (what the model sees, before normalising)."""
@@ -38,8 +41,15 @@ class Preprocess:
         from torchvision.transforms import functional as TF
 
         mode = InterpolationMode(self.interpolation)
-        image = TF.center_crop(TF.resize(image.convert("RGB"), self.resize, interpolation=mode), self.size)
-        return TF.to_tensor(image)
+        image = image.convert("RGB")
+        if self.squash:
+            return TF.to_tensor(TF.resize(image, [self.size, self.size], interpolation=mode))
+        return TF.to_tensor(TF.center_crop(TF.resize(image, self.resize, interpolation=mode), self.size))
+
+    def describe(self) -> dict:
+        """The geometry and interpolation, for imp.meta: what distillation saw."""
+        return {"geometry": f"squash {self.size}" if self.squash else f"resize {self.resize}, centre-crop {self.size}",
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
 
     def normalize(self, x: Tensor) -> Tensor:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]

@@ -104,3 +104,27 @@ def test_rank_shard_decodes_only_its_own_items():
             assert x.shape == (3, 2, 2) and not x.any()  # a placeholder distill never uses
     with pytest.raises(ValueError, match=r"rank must be in \[0, world=2\); got 2"):
         RankShard(base, rank=2, world=2)
+
+
+def test_squash_preprocess_and_localization_dataset_see_the_same_pixels(tmp_path):
+    """Issue 14.8: evaluation squashed images bilinearly while distillation resized, cropped and used the
+    model's interpolation. distill --squash and LocalizationDataset(interpolation=...) agree exactly."""
+    import numpy as np
+    from PIL import Image
+
+    from chip_ext import data
+    from chip_ext.models import Preprocess
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "x.png"
+    Image.fromarray(rng.integers(0, 255, (50, 80, 3), dtype=np.uint8)).save(path)
+    pre = Preprocess(size=32, resize=36, interpolation="bicubic", squash=True)
+    with Image.open(path) as img:
+        seen_by_distill = pre.display(img)
+    sample = data.LocSample(path, 3, (80, 50), [(10.0, 5.0, 40.0, 45.0)])
+    seen_by_evaluate, _, boxes = data.LocalizationDataset([sample], size=32, interpolation="bicubic")[0]
+    assert torch.equal(seen_by_distill, seen_by_evaluate) and seen_by_distill.shape == (3, 32, 32)
+    crop = Preprocess(size=32, resize=36, interpolation="bicubic")
+    with Image.open(path) as img:
+        assert not torch.equal(crop.display(img), seen_by_evaluate)
+    assert pre.describe()["geometry"] == "squash 32" and crop.describe()["geometry"] == "resize 36, centre-crop 32"

@@ -11,7 +11,7 @@ def test_distill_then_evaluate_cli(tmp_path):
     imp = tmp_path / "imp.pt"
     r = subprocess.run([sys.executable, "-m", "chip_ext", "distill", "--model", "efficientnet_lite0",
                         "--data", str(root / "train"), "--layers", "blocks.6", "--per-class", "1",
-                        "--perturbations", "4", "--out", str(imp), "--quiet"],
+                        "--perturbations", "4", "--squash", "--out", str(imp), "--quiet"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "eval.json"
@@ -21,6 +21,7 @@ def test_distill_then_evaluate_cli(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "top-1 loc err" in r.stdout and "classification error" in r.stdout
+    assert "warning" not in r.stderr  # distilled with --squash: the geometry evaluate uses
     result = json.loads(out.read_text())
     assert result["n"] == 8 and result["n_calibration"] == 4 and result["layer"] == "blocks.6"
     for name in ("chip", "gradcam", "cam"):
