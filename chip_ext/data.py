@@ -79,8 +79,11 @@ class ImageNetTrain(Dataset):
         from PIL import Image
 
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB")), label
+        except OSError as err:  # PIL's messages ("image file is truncated") do not name the file
+            raise OSError(f"{path}: cannot read the image: {err}") from err
 
 
 class RankShard(Dataset):
@@ -116,6 +119,11 @@ class LocSample:
     label: int
     size: tuple[int, int]  # (width, height) of the stored image
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # x0 y0 x1 y1, pixels
+
+    def __post_init__(self):
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"{self.path.name}: the annotated image size (width, height) = {tuple(self.size)} "
+                             "must be positive")
 
 
 def read_voc_xml(folder: str | os.PathLike, image_root: str | os.PathLike) -> list[LocSample]:
@@ -178,9 +186,12 @@ def read_csv_boxes(labels_csv: str | os.PathLike, boxes_csv: str | os.PathLike,
             boxes[r["file"]].append(tuple(float(r[k]) for k in ("x0", "y0", "x1", "y1")))
     samples = []
     with open(labels_csv, newline="") as fh:
-        for r in csv.DictReader(fh):
-            samples.append(LocSample(image_root / r["file"], int(r["label"]),
-                                     (int(r["width"]), int(r["height"])), boxes[r["file"]]))
+        for line, r in enumerate(csv.DictReader(fh), start=2):
+            try:
+                samples.append(LocSample(image_root / r["file"], int(r["label"]),
+                                         (int(r["width"]), int(r["height"])), boxes[r["file"]]))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{labels_csv} line {line}: {err}") from None
     return samples
 
 
@@ -230,7 +241,12 @@ class LocalizationDataset(Dataset):
         from torchvision.transforms import functional as TF
 
         s = self.samples[i]
-        with Image.open(s.path) as img:
+        try:
+            img = Image.open(s.path)
+            img.load()
+        except OSError as err:
+            raise OSError(f"{s.path}: cannot read the image: {err}") from err
+        with img:
             img = img.convert("RGB")
             # the boxes refer to the annotation's image size; scaling from it is right for any
             # stored copy of the image (224 x 224 squashed or original)

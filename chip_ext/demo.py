@@ -25,8 +25,13 @@ LAST, FIRST = "blocks.6", "bn1"
 def bundled_photos() -> list[tuple[str, Image.Image]]:
     """Photos shipped in scikit-image, scikit-learn and matplotlib (no download)."""
     import matplotlib.cbook as cbook
-    from skimage import data as sk
-    from sklearn.datasets import load_sample_images
+
+    try:
+        from skimage import data as sk
+        from sklearn.datasets import load_sample_images
+    except ImportError as err:
+        raise ImportError(f"chip-ext demo takes its photos from scikit-image and scikit-learn ({err.name} is "
+                          "missing): pip install 'chip_ext[demo]'") from err
 
     photos = [(n, Image.fromarray(getattr(sk, n)())) for n in ("chelsea", "coffee", "rocket", "astronaut")]
     photos.append(("motorcycle", Image.fromarray(sk.stereo_motorcycle()[0])))

@@ -92,9 +92,13 @@ class Importance:
             raise FileNotFoundError(f"no Importance file at {path}")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"{path} is not a readable chip_ext Importance file "
-                             f"(corrupt or not written by Importance.save): {err}") from err
+        except Exception as err:  # noqa: BLE001  (torch's own text ends with advice to file a bug)
+            import zipfile
+
+            first = ("it is not a PyTorch file (torch.save writes a zip archive)" if not zipfile.is_zipfile(path)
+                     else (str(err).strip().splitlines() or [type(err).__name__])[0][:200])
+            raise ValueError(f"{path} is not a readable chip_ext Importance file (corrupt, or not written by "
+                             f"Importance.save / chip-ext distill): {first}") from err
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"{path} is not a chip_ext Importance file (no '{FORMAT}' marker)")
         if state.get("format_version", 0) > FORMAT_VERSION:

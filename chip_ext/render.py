@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -57,11 +58,28 @@ def save_grid(path: str | os.PathLike, images: Tensor, columns: Mapping[str, Ten
                              f"got {list(maps.shape)}")
     if row_titles is not None and len(row_titles) != B:
         raise ValueError(f"row_titles must have one title per image ({B}); got {len(row_titles)}")
+    fig = grid_figure(images, columns, row_titles=row_titles, alpha=alpha)
+    return _save(fig, path, dpi)
+
+
+TITLE_CHARS = 30  # characters per line of a 2.4-inch column title at 8 pt
+
+
+def wrap_title(title: str, width: int = TITLE_CHARS) -> str:
+    """Breaks a row title into lines that fit its column (a long file name cut at the left edge:
+    "2102040_1003.JPEG: English springer" for n02102040_1003.JPEG), at spaces where it can."""
+    return textwrap.fill(title, width=width, break_long_words=True, break_on_hyphens=False)
+
+
+def grid_figure(images: Tensor, columns: Mapping[str, Tensor], *, row_titles: Sequence[str] | None = None,
+                alpha: float = 0.5):
+    """The figure of `save_grid` (not saved)."""
+    B = images.shape[0]
     ncol = 1 + len(columns)
     fig, axes = plt.subplots(B, ncol, figsize=(2.4 * ncol, 2.5 * B), squeeze=False)
     for i in range(B):
         axes[i][0].imshow(_np_image(images[i]))
-        axes[i][0].set_title(row_titles[i] if row_titles else "image", fontsize=8)
+        axes[i][0].set_title(wrap_title(row_titles[i]) if row_titles else "image", fontsize=8)
         for j, (name, maps) in enumerate(columns.items(), start=1):
             m = maps[i]
             axes[i][j].imshow(gradient_image(m) if m.dim() == 3 else overlay(images[i], m, alpha=alpha))
@@ -69,7 +87,7 @@ def save_grid(path: str | os.PathLike, images: Tensor, columns: Mapping[str, Ten
     for ax in itertools.chain.from_iterable(axes):
         ax.axis("off")
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return fig
 
 
 def plot_channel_importance(importance: Importance, path: str | os.PathLike, *, layer: str | None = None,

@@ -93,3 +93,87 @@ def test_model_loading():
         models.load("resnet9000")
     with pytest.raises(ValueError, match="'module:function' or 'file.py:function'"):
         models.load("nomodule:")
+
+
+def image_folder(root, n=2, bad=None):
+    """root/train/<wnid>/*.JPEG with n images of the tabby class; `bad` names a file written truncated."""
+    rng = np.random.default_rng(1)
+    folder = root / "train" / "n02123045"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.JPEG")
+    if bad:
+        whole = (folder / "img0.JPEG").read_bytes()
+        (folder / bad).write_bytes(whole[: len(whole) // 3])
+    return root / "train"
+
+
+def test_runtime_errors_are_one_line_naming_the_file(setup):
+    """Issue 14.9: a truncated JPEG printed 34 lines of traceback that never named the file; a random-bytes
+    importance file ended with torch's 'please file an issue'. One line, exit code 1, --debug for more."""
+    tmp, spec, images = setup
+    train = image_folder(tmp / "data", bad="img9.JPEG")
+    args = ["distill", "--model", f"{spec}:build", "--data", train, "--layers", "3", "--perturbations", "2",
+            "--workers", "0", "--quiet", "--out", tmp / "x.pt"]
+    r = run(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "img9.JPEG: cannot read the image" in lines[0] and lines[0].startswith("chip-ext distill: error:")
+    r = run("--debug", *args)
+    assert r.returncode == 1 and "Traceback" in r.stderr
+    (tmp / "junk.pt").write_bytes(bytes(range(256)) * 4)
+    r = run("explain", "--model", f"{spec}:build", "--importance", tmp / "junk.pt", "--images", images[0],
+            "--out", tmp / "o")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "junk.pt is not a readable chip_ext Importance file" in lines[0]
+    assert "file an issue" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["distill", "--per-class", "-1"], "argument --per-class: must be an integer >= 1; got -1"),
+    (["distill", "--perturbations", "0"], "argument --perturbations: must be an integer >= 1; got 0"),
+    (["distill", "--max-drop", "1.5"], "argument --max-drop: must be a finite number >= 0 and <= 1; got 1.5"),
+    (["distill", "--lam", "0.1", "--lam-ratio", "0.1"], "argument --lam-ratio: not allowed with argument --lam"),
+    (["evaluate", "--limit", "0"], "argument --limit: must be an integer >= 2; got 0"),
+    (["evaluate", "--limit", "-1"], "argument --limit: must be an integer >= 2; got -1"),
+    (["evaluate", "--limit", "1"], "argument --limit: must be an integer >= 2; got 1"),
+])
+def test_bad_command_line_values(args, message):
+    """Issue 14.10: --per-class -1 dropped each class's last image, --limit 0 was ignored, -1 dropped
+    one, 1 wrote NaN with exit code 0."""
+    required = {"distill": ["--model", "m", "--data", "d", "--layers", "l", "--out", "o"],
+                "evaluate": ["--model", "m", "--data", "d"]}[args[0]]
+    r = run(*args, *required)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_every_option_has_help():
+    from chip_ext.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    missing = [f"{name} {opt.option_strings}" for name, p in sub.choices.items() for opt in p._actions
+               if opt.option_strings and opt.dest != "help" and not opt.help]
+    assert missing == []
+
+
+def test_distill_options_reach_distill(setup):
+    tmp, spec, _ = setup
+    train = image_folder(tmp / "data", n=3)
+    out = tmp / "imp.pt"
+    r = run("distill", "--model", f"{spec}:build", "--data", train, "--layers", "3", "--perturbations", "3",
+            "--target", "logit", "--lam", "0.001", "--sigma", "1.5", "--max-drop", "0.3", "--workers", "0",
+            "--classes", "0,2", "--squash", "--quiet", "--out", out)
+    assert r.returncode == 0, r.stderr
+    meta = chip_ext.Importance.load(out).meta
+    assert meta["target"] == "logit" and meta["lam"] == 0.001 and meta["sigma"] == 1.5 and meta["max_drop"] == 0.3
+    assert meta["preprocess"]["geometry"] == "squash 32"
+
+
+def test_a_zero_width_in_the_annotations_is_named(tmp_path):
+    (tmp_path / "val_labels.csv").write_text("file,label,wnid,width,height\na.JPEG,281,n02123045,0,375\n")
+    (tmp_path / "val_boxes.csv").write_text("file,label,wnid,x0,y0,x1,y1\na.JPEG,281,n02123045,1,2,3,4\n")
+    from chip_ext import data
+
+    with pytest.raises(ValueError, match=r"val_labels.csv line 2: a.JPEG: the annotated image size .* = \(0, 375\)"):
+        data.find_localization_samples(tmp_path)

@@ -55,3 +55,23 @@ def test_channel_pictures(tmp_path):
     p = render.plot_top_channel_overlap(imp, ["a", "b", 9], tmp_path / "fig10.png", k=5, dpi=40)
     with Image.open(p) as im:
         assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_long_row_titles_stay_inside_the_figure():
+    """Issue 14.11: 'n02102040_1003.JPEG: English springer (p=0.82)' was cut at the left edge."""
+    import matplotlib.pyplot as plt
+
+    from chip_ext import render
+
+    title = "n02102040_1003.JPEG: English springer (p=0.82)"
+    x = torch.rand(2, 3, 32, 32)
+    fig = render.grid_figure(x, {"CHIP": torch.rand(2, 32, 32), "Grad-CAM": torch.rand(2, 32, 32)},
+                             row_titles=[title, "short"])
+    try:
+        fig.canvas.draw()
+        box = fig.axes[0].title.get_window_extent().transformed(fig.transFigure.inverted())
+        assert box.x0 >= 0 and box.x1 <= 1, box
+        assert fig.axes[0].title.get_text().replace("\n", " ") == title  # all of it, on lines
+    finally:
+        plt.close(fig)
+    assert all(len(line) <= render.TITLE_CHARS for line in render.wrap_title(title).splitlines())
