@@ -2,6 +2,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -627,3 +628,64 @@ def test_sigma_per_layer_and_a_warning_when_h_collapses():
         chip_ext.distill(model, Untouchable(), "relu2", sigma={"fc": 1.0}, progress=False)
     with pytest.raises(ValueError, match=r"sigma\['relu2'\] must be a finite number > 0; got -1"):
         chip_ext.distill(model, Untouchable(), "relu2", sigma={"relu2": -1}, progress=False)
+
+
+@pytest.mark.parametrize("sigma, target", [(None, "prob"), (1.2, "prob"), (None, "callable")])
+def test_matches_a_brute_force_eq_11_with_sklearn(sigma, target):
+    """Issue 14.12: ignoring the loyalty weights f or the proximity weights h, or a softmax over the
+    chosen classes only, passed every other test. Here each perturbed network is run in full with a
+    forward hook that gates the layer (the same gates), and eq. 11 is solved per class by
+    scikit-learn's Lasso with sample_weight = f h; distill must give the same W."""
+    from sklearn.linear_model import Lasso
+
+    from chip_ext.gates import default_sigma, proximity, sample_gates
+
+    model, layer, classes, N, lam = InvariantCNN(), "relu2", [1, 3], 12, 2e-4
+    x = torch.randn(10, 3, 9, 9, generator=torch.Generator().manual_seed(5))
+    fn = (lambda logits: torch.sigmoid(logits) * 2.0) if target == "callable" else target
+    imp = chip_ext.distill(model, [x[:4], x[4:]], layer, classes=classes, num_perturbations=N, sigma=sigma,
+                           target=fn, lam=lam, progress=False, **TIGHT)
+    module = model.relu2
+    gate = {}
+    handle = module.register_forward_hook(lambda m, i, out: out * gate["d"][:, :, None, None] if "d" in gate else None)
+    try:
+        with torch.no_grad():
+            feats = {}
+            h2 = module.register_forward_hook(lambda m, i, o: feats.setdefault("A", o.detach().clone()))
+            logits0 = model(x)
+            h2.remove()
+            A = feats["A"]
+            K = A.shape[1]
+            gates = sample_gates(range(10), N, K, seed=0, layer=layer, device="cpu")  # [10, N, K]
+            scores = []
+            for n in range(N):
+                gate["d"] = gates[:, n].float()
+                out = model(x)
+                scores.append(torch.softmax(out, -1) if target == "prob" else fn(out))
+            gate.pop("d")
+    finally:
+        handle.remove()
+    g = torch.stack(scores, dim=1)  # [10, N, C_out]
+    f = torch.softmax(logits0, -1)  # loyalty: the unperturbed probabilities over all outputs
+    h = proximity(gates, sigma if sigma is not None else default_sigma(K))  # [10, N]
+    z = gates.double() * A.double().mean(dim=(2, 3))[:, None, :]  # [10, N, K]
+    for row, c in enumerate(classes):
+        sw = (f[:, c, None] * h).reshape(-1).double().numpy()
+        ref = Lasso(alpha=lam, fit_intercept=False, tol=1e-14, max_iter=10**6).fit(
+            z.reshape(-1, K).numpy(), g[..., c].reshape(-1).double().numpy(), sample_weight=sw).coef_
+        got = imp.weights[layer][row].double().numpy()
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), (c, got, ref)
+    # and each weight matters: dropping f or h, or a softmax over the chosen classes only, moves W
+    for wrong in ("no f", "no h", "chosen softmax"):
+        row, c = 1, classes[1]
+        fw = torch.ones_like(f[:, c]) if wrong == "no f" else f[:, c]
+        hw = torch.ones_like(h) if wrong == "no h" else h
+        y = g[..., c]
+        if wrong == "chosen softmax" and target == "prob":
+            y = torch.softmax(torch.log(g[..., classes]), -1)[..., 1]
+        sw = (fw[:, None] * hw).reshape(-1).double().numpy()
+        other = Lasso(alpha=lam, fit_intercept=False, tol=1e-14, max_iter=10**6).fit(
+            z.reshape(-1, K).numpy(), y.reshape(-1).double().numpy(), sample_weight=sw).coef_
+        got = imp.weights[layer][row].double().numpy()
+        if wrong != "chosen softmax" or target == "prob":
+            assert np.abs(got - other).max() > 1e-3 * np.abs(other).max(), wrong
