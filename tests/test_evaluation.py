@@ -46,3 +46,124 @@ def test_peer_gradcam_leaves_the_model_alone(resnet):
         assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in resnet.modules())
     finally:
         resnet.eval()
+
+
+# ------------------------------------------------------------------ evaluate() on hand-built cases
+
+# image size; the ground-truth region (pixels 8..23) and its box in the library's convention (wsolevaluation's:
+# x1 = x + w from cv2.boundingRect, areas counted inclusively)
+S, GT, GT_BOX = 32, (8, 8, 23, 23), (8, 8, 24, 24)
+
+
+def blob(m, x0, y0, x1, y1, value):
+    m[y0:y1 + 1, x0:x1 + 1] = value
+
+
+def kind_map(kind):
+    """Maps whose box is right (IoU >= 0.5 with GT, largest contour / any contour) at thresholds 0.1 and
+    0.5 exactly as the table in test_evaluate_known_answers says."""
+    import torch
+
+    m = torch.zeros(S, S)
+    if kind == "right":
+        blob(m, *GT, 1.0)
+    elif kind == "wrong":
+        blob(m, 0, 0, 5, 5, 1.0)
+    elif kind == "low":  # plateau on GT, a small peak: right at 0.1, a 4x4 box at 0.5
+        blob(m, *GT, 0.3)
+        blob(m, 14, 14, 17, 17, 1.0)
+    elif kind == "high":  # plateau over the whole image, peak on GT: wrong at 0.1, right at 0.5
+        m[:] = 0.3
+        blob(m, *GT, 1.0)
+    elif kind == "two":  # a larger wrong region and a smaller right one (GT below is 8x8 for it)
+        blob(m, 8, 8, 15, 15, 1.0)
+        blob(m, 19, 19, 31, 31, 1.0)
+    return m
+
+
+def test_evaluate_known_answers():
+    """Issue 14.13: evaluate()'s numbers were only checked to lie in [0, 1]. Ten images of known
+    correctness: the calibration half (even indices) prefers threshold 0.5, the evaluation half 0.1;
+    classes and top-5 lists set by hand."""
+    import numpy as np
+    import torch
+
+    from chip_ext.evaluation import evaluate
+
+    kinds = ["high", "low", "high", "low", "high", "right", "wrong", "low", "two", "two"]
+    # correct (v1: largest region; v2: any region) at thresholds (0.1, 0.5), from the construction
+    table = {"high": ((0, 1), (0, 1)), "low": ((1, 0), (1, 0)), "right": ((1, 1), (1, 1)),
+             "wrong": ((0, 0), (0, 0)), "two": ((0, 0), (1, 1))}
+    label = 3
+    top5 = {i: [3, 0, 1, 2, 4] for i in range(10)}
+    top5[3] = [5, 3, 0, 1, 2]  # right class in the top 5 only
+    top5[7] = [5, 6, 7, 8, 9]  # right class not in the top 5
+    top5[9] = [0, 1, 2, 4, 3]
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            x = torch.zeros(3, S, S)
+            x[0, 0, 0] = i  # the image says which it is
+            gt = (8, 8, 16, 16) if kinds[i] == "two" else GT_BOX
+            return x, label, np.array([gt])
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 10)
+            for b, i in enumerate(x[:, 0, 0, 0].round().long().tolist()):
+                logits[b, top5[i]] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+            return logits
+
+    def fn(x, labels):
+        assert torch.all(labels == label)
+        return torch.stack([kind_map(kinds[i]) for i in x[:, 0, 0, 0].round().long().tolist()])
+
+    r = evaluate(Model(), Data(), {"m": fn}, lambda x: x, batch_size=3, thresholds=np.array([0.1, 0.5]),
+                 progress=False)
+    m = r["methods"]["m"]
+    v1 = np.array([table[k][0] for k in kinds], dtype=float)  # [10, 2]
+    v2 = np.array([table[k][1] for k in kinds], dtype=float)
+    assert (r["n"], r["n_calibration"], r["n_evaluation"]) == (10, 5, 5)
+    assert v1[0::2].mean(0).tolist() == [0.0, 0.6] and v1[1::2].mean(0).tolist() == [0.8, 0.2]
+    assert m["calibrated_threshold"] == 0.5 and m["best_threshold_on_evaluation"] == 0.1
+    assert m["max_box_acc_calibration"] == 0.6 and m["max_box_acc_evaluation"] == 0.8
+    # at 0.5 on the evaluation images (1, 3, 5, 7, 9) only 5 is right; at 0.1: 1, 3, 5, 7
+    cal, best = m["at_calibrated_threshold"], m["at_best_threshold"]
+    approx = __import__("pytest").approx
+    assert cal["gt_known_loc"] == approx(0.2) and best["gt_known_loc"] == approx(0.8)
+    assert cal["top1_loc_error"] == approx(0.8) and cal["top5_loc_error"] == approx(0.8)
+    assert best["top1_loc_error"] == approx(0.6)  # top-1 right and box right: 1, 5
+    assert best["top5_loc_error"] == approx(0.4)  # in the top 5 and box right: 1, 3, 5
+    # over all images: 0.1 -> 1, 3, 5, 7 = 0.4; 0.5 -> 0, 2, 4, 5 = 0.4 (the first best threshold)
+    assert m["max_box_acc_all_images"] == 0.4 and m["max_box_acc_threshold_all_images"] == 0.1
+    assert m["max_box_acc_v2_all_images"]["iou50"] == v2.mean(0).max() == 0.6
+    # classification over all ten: top-1 right on 0, 1, 2, 4, 5, 6, 8 -> error 0.3; top-5 misses only 7
+    assert r["classification"]["top1_error"] == approx(0.3) and r["classification"]["top5_error"] == approx(0.1)
+
+
+def test_max_box_acc_v2_takes_the_best_threshold_per_iou():
+    """MaxBoxAccV2 (wsolevaluation) is the mean over IoU 0.3/0.5/0.7 of each IoU's best threshold, not
+    the best threshold of the mean. 'near': at 0.1 a 20x20 box around the 16x16 GT (IoU 0.66: right at
+    0.3 and 0.5, not 0.7), at 0.5 exact; 'inner': at 0.1 exact, at 0.5 an 8x8 box inside (IoU 0.28)."""
+    import numpy as np
+    import torch
+
+    from chip_ext.localization import box_correct_both, max_box_acc_v2
+
+    near = torch.zeros(S, S)
+    blob(near, 6, 6, 25, 25, 0.3)
+    blob(near, *GT, 1.0)
+    inner = torch.zeros(S, S)
+    blob(inner, *GT, 0.3)
+    blob(inner, 12, 12, 19, 19, 1.0)
+    maps = torch.stack([near, inner, near])
+    gts = [np.array([GT_BOX])] * 3
+    per = max_box_acc_v2(maps, gts, thresholds=np.array([0.1, 0.5]))
+    # threshold 0.1: (1, 1, 1/3); 0.5: (2/3, 2/3, 2/3) -> per IoU best: 1, 1, 2/3
+    assert per["iou30"] == 1.0 and per["iou50"] == 1.0 and abs(per["iou70"] - 2 / 3) < 1e-9
+    assert abs(per["mean"] - (1 + 1 + 2 / 3) / 3) < 1e-9  # the best single threshold would give 0.778
+    _, v2 = box_correct_both(maps, gts, np.array([0.1, 0.5]))
+    assert v2.mean(0).tolist() == [[1.0, 1.0, 1 / 3], [2 / 3, 2 / 3, 2 / 3]]

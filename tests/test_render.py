@@ -75,3 +75,17 @@ def test_long_row_titles_stay_inside_the_figure():
     finally:
         plt.close(fig)
     assert all(len(line) <= render.TITLE_CHARS for line in render.wrap_title(title).splitlines())
+
+
+def test_top_channel_overlap_known_answer():
+    """Issue 14.13: the overlap's off-diagonal entries were untested. Top-3 sets {0,1,2}, {2,3,4}, {0,2,4}."""
+    from chip_ext import Importance, render
+
+    W = torch.zeros(3, 6)
+    W[0, [0, 1, 2]] = torch.tensor([3.0, 2.0, 1.0])
+    W[1, [2, 3, 4]] = torch.tensor([1.0, 3.0, 2.0])
+    W[2, [0, 2, 4]] = torch.tensor([2.0, 3.0, 1.0])
+    imp = Importance({"l": W}, [10, 11, 12])
+    info = render.top_channel_overlap(imp, [10, 11, 12], k=3)
+    assert info["top"] == {"10": [0, 1, 2], "11": [2, 3, 4], "12": [0, 2, 4]}
+    assert info["overlap"] == [[3, 1, 2], [1, 3, 2], [2, 2, 3]]
