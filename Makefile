@@ -1,5 +1,6 @@
 # make test   : creates .venv if missing, installs the pinned dev dependencies, builds chip_ext
-#               (CUDA kernels too when nvcc is found), runs pytest and the C++ tests (ctest).
+#               (CUDA kernels too when nvcc is found), installs Debian's chromium when missing (as root),
+#               runs pytest and the C++ tests (ctest).
 # make demo   : the same setup, then chip-ext demo --out demo_out (open demo_out/index.html)
 # make build  : only the first three steps.      make bench : benchmarks/bench_ops.py
 # Idempotent: dependencies and the build are redone only when their inputs changed.
@@ -18,7 +19,7 @@ CUDA_ROOT := $(if $(NVCC),$(shell f=$$(readlink -f $(NVCC)); if head -c2 $$f | g
 SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.cu' -o -name '*.h' | grep -v build_config.h) \
            setup.py pyproject.toml
 
-.PHONY: test build pytest ctest bench demo clean
+.PHONY: test build pytest ctest bench demo clean browser
 
 $(VENV)/.deps: requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -35,7 +36,14 @@ build:
 	@$(MAKE) --no-print-directory $(VENV)/.built
 	$(PY) -m chip_ext info
 
-pytest: build
+# Headless Chromium for the demo page's browser test (Debian package; needs root). Best effort: without it the
+# test skips, except under CI (CI=true), where it fails.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) ; } \
+	  || echo "note: chromium not installed; the demo page's browser test will skip (apt-get install chromium)"
+
+pytest: build browser
 	$(PY) -m pytest
 
 ctest: build

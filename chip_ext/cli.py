@@ -130,8 +130,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     samples = data.find_localization_samples(args.data)
     if args.limit is not None:
         samples = samples[: args.limit]
-    dataset = data.LocalizationDataset(samples, size=args.size, interpolation=pre.interpolation)
-    seen = (imp.meta.get("preprocess") or {}).get("geometry") if imp is not None else None
+    dataset = data.LocalizationDataset(samples, size=args.size, interpolation=getattr(pre, "interpolation", "bilinear"))
+    recorded = imp.meta.get("preprocess") if imp is not None else None
+    seen = recorded.get("geometry") if isinstance(recorded, dict) else None
     if seen is not None and not seen.startswith("squash"):
         print(f"warning: the importance was distilled on images seen as '{seen}'; evaluation squashes them to "
               f"{args.size}x{args.size} (the localisation protocol). Distil with --squash for W learned on what "
@@ -169,6 +170,9 @@ def _distill(args: argparse.Namespace) -> int:
     if args.squash:
         import dataclasses
 
+        if not isinstance(pre, models.Preprocess):
+            raise ValueError(f"--squash needs the model spec to return a chip_ext.models.Preprocess; "
+                             f"{args.model} returned a {type(pre).__name__}")
         pre = dataclasses.replace(pre, squash=True)
     dataset = data.ImageNetTrain(args.data, pre, per_class=args.per_class)
     classes_in_data = dataset.classes
@@ -188,7 +192,7 @@ def _distill(args: argparse.Namespace) -> int:
                   progress=not args.quiet)
     imp.meta["data"] = str(args.data)
     imp.meta["model_spec"] = args.model
-    imp.meta["preprocess"] = pre.describe()
+    imp.meta["preprocess"] = pre.describe() if hasattr(pre, "describe") else repr(pre)
     if rank == 0:  # every rank holds the same Importance; one writes it
         imp.save(args.out)
         print(f"wrote {args.out}: {imp}; {imp.meta['images_seen']} images, N={args.perturbations}")
