@@ -31,7 +31,7 @@ from .gates import GATE_STREAM, default_sigma, proximity, sample_gates
 from .importance import Importance
 from .solver import solve_sums, solver_report
 from .maps import inference_view
-from .split import split
+from .split import default_layer, split
 
 DEFAULT_LAM_RATIO = 0.1
 
@@ -260,7 +260,7 @@ class _LayerState:
 # ---------------------------------------------------------------------------------- distill
 
 
-def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
+def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | None = None, *,
             classes: Sequence[int] | None = None, num_perturbations: int = 100,
             sigma: float | dict[str, float] | None = None, lam: float | None = None, lam_ratio: float | None = None,
             rho: float | None = None, target: str | Callable[[Tensor], Tensor] = "prob",
@@ -276,7 +276,10 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     model: a CNN returning logits [B, C_out]; it is split at each layer with torch.fx.
     loader: any iterable of image tensors [B, 3, H, W], (images, ...) tuples/lists, or dicts with an
         "image" key. Its order must be the same on every pass (for resuming from a checkpoint).
-    layers: a module name from model.named_modules(), or a list of them.
+    layers: a module name from model.named_modules(), or a list of them. Default: the layer CAM would
+        use, the last clean cut point before global pooling (`chip_ext.split.default_layer`: VGG16
+        'features.29', ResNet-50 'layer4', EfficientNet-Lite0 'bn2'), named in the progress bar and
+        in imp.meta["layers"] (imp.meta["layers_default"] is True).
     classes: the model outputs to explain (default: all). num_perturbations: N gated networks per
         image, the unperturbed one included. sigma: proximity width, h = exp(-||d-1||²/σ²): None
         (default √(K/4) per layer), one number for every layer, or {layer: σ} (layers left out get the
@@ -317,7 +320,10 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
     Returns an Importance with W: Tensor[C, K] per layer.
     """
     # ---- arguments: everything that could only fail at the end is checked before the first image
-    layer_list = [layers] if isinstance(layers, str) else list(layers)
+    if layers is None:  # the layer CAM would use, read off the eval-mode graph
+        layer_list = [default_layer(inference_view(model))]
+    else:
+        layer_list = [layers] if isinstance(layers, str) else list(layers)
     if not layer_list or not all(isinstance(l, str) for l in layer_list):
         raise ValueError(f"layers must be a module name or a non-empty list of them; got {layers!r}")
     if len(set(layer_list)) != len(layer_list):
@@ -455,6 +461,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str], *,
         "fit_intercept": fit_intercept, "positive": positive,
         "lam_per_class": lams, "images_seen": run.seen, "perturbations_per_image": num_perturbations,
         "layer_shapes": {s.name: s.shape for s in states},
+        "layers_default": layers is None,  # True: the layer was chosen by chip_ext.split.default_layer
         "sigma_used": {s.name: s.sigma for s in states},
         "empty_classes": run.empty_classes, "solver": solver_meta, "resumed": resumed,
         "resumed_at_image": run.resumed_at, "world_size": world, "shard_accumulators": run.shard,
@@ -577,7 +584,8 @@ class _Run:
         if max_images is not None:
             total = min(total, max_images) if total is not None else max_images
         bar = tqdm(total=total, initial=min(self.position, total or self.position), unit="img",
-                   desc="distill", disable=not progress, dynamic_ncols=True)
+                   desc=f"distill {','.join(s.name for s in self.states)}", disable=not progress,
+                   dynamic_ncols=True)
         skip = self.position  # images already in the sums (resume)
         position = 0  # images consumed from the loader
         last_save = time.monotonic()

@@ -146,3 +146,78 @@ def split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]
     prefix = fx.GraphModule(gm, prefix_graph, f"{type(model).__name__}Prefix")
     suffix = fx.GraphModule(gm, suffix_graph, f"{type(model).__name__}Suffix")
     return prefix, suffix
+
+
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _is_global(size) -> bool:
+    return size in (1, (1, 1), [1, 1])
+
+
+def _ends_spatial(gm: fx.GraphModule, n: fx.Node, reshapes: bool = False) -> bool:
+    """Global pooling or flattening: where the feature maps end (CAM's layer is just before).
+    reshapes: count view/reshape too (they also shuffle channels inside networks: ShuffleNet)."""
+    import torch.nn.functional as F
+
+    if n.op == "call_module":
+        m = gm.get_submodule(str(n.target))
+        return (isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and _is_global(m.output_size)) \
+            or isinstance(m, nn.Flatten)
+    if n.op == "call_function":
+        if n.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+            size = n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")
+            return _is_global(size)
+        if n.target is torch.flatten:
+            return True
+        if n.target in (torch.mean, torch.amax, torch.sum):
+            dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            return isinstance(dims, (tuple, list)) and {int(d) % 4 for d in dims} == {2, 3}
+    if n.op == "call_method":
+        if n.target == "flatten" or (reshapes and n.target in ("view", "reshape")):
+            return True
+        if n.target in ("mean", "amax", "sum"):
+            dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            return isinstance(dims, (tuple, list)) and {int(d) % 4 for d in dims} == {2, 3}
+    return False
+
+
+def default_layer(model: nn.Module) -> str:
+    """The layer CAM would use: the last clean cut point before the feature maps end (the first global
+    pooling or flattening that the rest of the network depends on alone), skipping pooling modules
+    and containers whose output is one (so VGG16 gives its conv5_3 ReLU 'features.29', ResNet-50
+    'layer4', timm's EfficientNet-Lite0 'bn2'). Static: read off the torch.fx graph (of the model in
+    its current mode: pass it in eval mode, as distill does), no forward is run."""
+    gm = trace(model)
+    nodes = list(gm.graph.nodes)
+    dep = _input_dependent(nodes)
+    # the feature maps end at the first global pooling or flattening that is itself a clean cut: the
+    # pooling of a squeeze-excitation block or an auxiliary head is not (the maps it came from are
+    # used after it), nor is a reshape of a parameter
+    end = None
+    for reshapes in (False, True):  # view/reshape only when nothing else ends the maps
+        end = next((i for i, n in enumerate(nodes)
+                    if n in dep and _ends_spatial(gm, n, reshapes) and not _leaks(nodes, i, dep)), None)
+        if end is not None:
+            break
+    if end is None:
+        raise SplitError(f"{type(model).__name__} has no global pooling or flattening in its forward, so there is "
+                         "no default layer: pass layers= (see chip_ext.split.clean_cut_points(model))")
+    modules = dict(model.named_modules())
+    index = {}
+    for i, n in enumerate(nodes):
+        for key, value in n.meta.get("nn_module_stack", {}).items():
+            index[value[0] if isinstance(value, tuple) else str(key)] = i
+        if n.op == "call_module" and "nn_module_stack" not in n.meta:
+            index[str(n.target)] = i
+    candidates = []
+    for name in clean_cut_points(model, gm):
+        i = index.get(name)
+        out = nodes[i] if i is not None else None
+        pooled = out is not None and out.op == "call_module" and isinstance(gm.get_submodule(str(out.target)),
+                                                                              _POOL_MODULES)
+        if i is not None and i < end and not pooled and not isinstance(modules.get(name), _POOL_MODULES):
+            candidates.append((i, -name.count("."), name))
+    if not candidates:
+        raise SplitError(f"no clean cut point of {type(model).__name__} before its global pooling; pass layers=")
+    return max(candidates)[2]

@@ -96,3 +96,32 @@ def test_container_cut_uses_its_output():
     with torch.no_grad():
         model(x)
         torch.testing.assert_close(prefix(x), feats["out"])
+
+
+@pytest.mark.parametrize("name, want", [("vgg16", "features.29"), ("resnet50", "layer4"),
+                                        ("efficientnet_lite0", "bn2")])
+def test_default_layer_is_the_one_cam_uses(name, want):
+    model = MODELS[name]().eval()
+    assert chip_ext.split.default_layer(model) == want
+
+
+def test_default_layer_skips_squeeze_excitation_and_auxiliary_heads():
+    """An SE block's pooling and GoogLeNet's auxiliary heads (train mode) are not where the maps end."""
+    se = torchvision.models.efficientnet_b0(weights=None).eval()
+    assert chip_ext.split.default_layer(se) == "features"
+    assert chip_ext.split.default_layer(torchvision.models.shufflenet_v2_x0_5(weights=None).eval()) == "conv5"
+    with pytest.raises(SplitError, match="no global pooling or flattening"):
+        chip_ext.split.default_layer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+def test_distill_with_the_default_layer():
+    """Issue 14: chip_ext.distill(model, loader), the two-argument call users expect."""
+    import warnings
+
+    model = torchvision.models.resnet18(weights=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2 images x N=4 < K: underdetermined, fine here
+        imp = chip_ext.distill(model, [torch.randn(2, 3, 64, 64)], num_perturbations=4, classes=[0, 1],
+                               progress=False)
+    assert imp.layers == ["layer4"] and imp.meta["layers_default"] is True and imp.meta["layers"] == ["layer4"]
+    assert model.training  # the model itself was not put in eval mode to find it
