@@ -296,8 +296,11 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         scores [M, C_out]. The loyalty weights f are always the unperturbed probabilities.
     seed: keys the gates together with each image's global index, so W does not depend on
         batch_size, memory_budget, resume point or workers (beyond the network's own float32
-        dependence on batch size: oneDNN/cuBLAS pick kernels by shape, ~1e-7 relative).
-    device: where to run (default: the model's device); the model is moved there and back.
+        dependence on batch size: oneDNN/cuBLAS pick kernels by shape, ~3e-8 relative for the small CNN
+        of tests/test_distillation.py).
+    device: where to run (default: the model's device). The model itself is never moved or put in
+        eval mode: an eval-mode view of it runs (`maps.inference_view`; a copy of the weights on
+        another device), so other threads may keep using it.
     batch_size: images per step (default: the loader's batches). memory_budget: bytes of gated
         copies and the suffix's activations per suffix call (default 32 MiB on CPU, 1/8 of free GPU
         memory; see `default_memory_budget`).
@@ -401,13 +404,14 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     }
     rank, world = distributed.rank_world()
     config["shard_accumulators"] = bool(shard_accumulators) and world > 1  # what the checkpoint sums mean
+    dataset = getattr(loader, "dataset", None)
+    loader_images = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
     if world > 1:
-        dataset = getattr(loader, "dataset", None)
         distributed.check_ranks_agree({**config, "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter,
                             "tol": tol, "fit_intercept": fit_intercept, "positive": positive,
                             "max_images": max_images, "batch_size": batch_size,
                             "checkpoint": None if checkpoint is None else Path(checkpoint).name,
-                            "images_in_loader": len(dataset) if hasattr(dataset, "__len__") else None})
+                            "images_in_loader": loader_images})
         progress = progress and rank == 0
     stages = _Stages(device, profile)
     with torch.no_grad():
@@ -415,9 +419,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
                    device, batch_size, memory_budget, autocast_dtype, stages, rank=rank, world=world,
                    shard=shard_accumulators)
         run.class_names_count = None if class_names is None else len(class_names)
-        dataset = getattr(loader, "dataset", None)
-        run.loader_images = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-        run.max_images = max_images
+        run.loader_images, run.max_images = loader_images, max_images
         resumed = run.resume(checkpoint) if checkpoint is not None else False
         if run.complete:
             run.check_finished_run(loader, checkpoint)
@@ -577,10 +579,7 @@ class _Run:
     def stream(self, loader, progress, checkpoint, checkpoint_every, max_images) -> None:
         from tqdm.auto import tqdm
 
-        total = None
-        dataset = getattr(loader, "dataset", None)
-        if dataset is not None and hasattr(dataset, "__len__"):
-            total = len(dataset)
+        total = self.loader_images
         if max_images is not None:
             total = min(total, max_images) if total is not None else max_images
         bar = tqdm(total=total, initial=min(self.position, total or self.position), unit="img",

@@ -292,23 +292,27 @@ def admm_lasso(G: Tensor, b: Tensor, lam: float | Tensor, *, rho: float | Tensor
                       lam_t.double().cpu(), counts["factorizations"], out["polished"],
                       None if intercept is None else intercept.double().cpu(), counts["polish_factorizations"])
     if warn:
-        message = not_converged_message(info)
+        message = not_converged_message(info.converged, info.primal_residual, info.dual_residual, max_iter)
         if message:
             warnings.warn(message, UserWarning, stacklevel=2)
     return W, info
 
 
-def not_converged_message(info: SolverInfo, what: str = "") -> str | None:
-    """The warning text for the classes of `info` that did not converge, or None when all did."""
-    bad = (~info.converged).nonzero().flatten()
-    if len(bad) == 0:
+def not_converged_message(converged, primal, dual, max_iter: int, labels: list | None = None,
+                          what: str = "") -> str | None:
+    """The warning text for the classes that did not converge (converged, primal, dual: one entry per
+    class, as SolverInfo's; labels: how to name them, default their positions), or None when all did."""
+    converged, primal, dual = (torch.as_tensor(v) for v in (converged, primal, dual))
+    bad = (~converged.bool()).nonzero().flatten().tolist()
+    if not bad:
         return None
-    worst = int(bad[torch.argmax(torch.maximum(info.primal_residual[bad], info.dual_residual[bad]))])
-    return (f"{what}{len(bad)} of {len(info.converged)} classes did not converge in "
-            f"{int(info.iterations.max())} ADMM iterations (e.g. classes {bad[:10].tolist()}; worst: class "
-            f"{worst}, primal residual {float(info.primal_residual[worst]):.2e}, dual residual "
-            f"{float(info.dual_residual[worst]):.2e} at unit scale). Their W is approximate: raise max_iter, "
-            "loosen tol, raise lam, or use more images (images x N well above K)")
+    labels = list(range(len(converged))) if labels is None else labels
+    worst = max(bad, key=lambda i: max(float(primal[i]), float(dual[i])))
+    return (f"{what}{len(bad)} of {len(converged)} classes did not converge in max_iter={max_iter} ADMM iterations "
+            f"(classes {[labels[i] for i in bad[:10]]}{' ...' if len(bad) > 10 else ''}; worst: class "
+            f"{labels[worst]}, primal residual {float(primal[worst]):.2e}, dual residual {float(dual[worst]):.2e} "
+            "at unit scale). Their W is approximate: raise max_iter, loosen tol, raise lam/lam_ratio, or distil "
+            "more images (images x N well above K)")
 
 
 class _Active:
@@ -598,17 +602,7 @@ def solver_report(layer: str, report: dict, classes: list[int], max_iter: int) -
     ok = torch.tensor(report["converged"], dtype=torch.bool)
     label = [classes[r] for r in report["rows"]]
     bad = (~ok).nonzero().flatten().tolist()
-    message = None
-    if bad:
-        primal = torch.tensor(report["primal"], dtype=torch.float64)
-        dual = torch.tensor(report["dual"], dtype=torch.float64)
-        worst = max(bad, key=lambda i: max(float(primal[i]), float(dual[i])))
-        message = (f"layer {layer!r}: {len(bad)} of {len(ok)} classes did not converge in max_iter={max_iter} "
-                   f"ADMM iterations (classes {[label[i] for i in bad[:10]]}"
-                   f"{' ...' if len(bad) > 10 else ''}; worst: class {label[worst]}, primal residual "
-                   f"{float(primal[worst]):.2e}, dual residual {float(dual[worst]):.2e} at unit scale). Their W "
-                   "is approximate: raise max_iter, loosen tol, raise lam/lam_ratio, or distil more images "
-                   "(images x N well above K)")
+    message = not_converged_message(ok, report["primal"], report["dual"], max_iter, label, f"layer {layer!r}: ")
     return {
         "iterations_max": int(it.max()) if len(it) else 0,
         "iterations_mean": float(it.float().mean()) if len(it) else 0.0,

@@ -155,6 +155,12 @@ def _is_global(size) -> bool:
     return size in (1, (1, 1), [1, 1])
 
 
+def _spatial_dims(dims) -> bool:
+    """dims (a literal of the traced call) are H and W of a 4-D tensor: (2, 3) or (-2, -1)."""
+    return (isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims)
+            and {d % 4 for d in dims} == {2, 3})
+
+
 def _ends_spatial(gm: fx.GraphModule, n: fx.Node, reshapes: bool = False) -> bool:
     """Global pooling or flattening: where the feature maps end (CAM's layer is just before).
     reshapes: count view/reshape too (they also shuffle channels inside networks: ShuffleNet)."""
@@ -172,13 +178,13 @@ def _ends_spatial(gm: fx.GraphModule, n: fx.Node, reshapes: bool = False) -> boo
             return True
         if n.target in (torch.mean, torch.amax, torch.sum):
             dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-            return isinstance(dims, (tuple, list)) and {int(d) % 4 for d in dims} == {2, 3}
+            return _spatial_dims(dims)
     if n.op == "call_method":
         if n.target == "flatten" or (reshapes and n.target in ("view", "reshape")):
             return True
         if n.target in ("mean", "amax", "sum"):
             dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-            return isinstance(dims, (tuple, list)) and {int(d) % 4 for d in dims} == {2, 3}
+            return _spatial_dims(dims)
     return False
 
 

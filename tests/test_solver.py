@@ -218,7 +218,7 @@ def test_chunking_does_not_change_the_result():
 
 def test_info_reports_residuals_and_iterations():
     _, G, b, _, _ = weighted_problems(C=2, K=6, seed=6)
-    with pytest.warns(UserWarning, match=r"2 of 2 classes did not converge in 3 ADMM iterations .*worst: class"):
+    with pytest.warns(UserWarning, match=r"2 of 2 classes did not converge in max_iter=3 ADMM iterations .*worst: class"):
         W, info = admm_lasso(G, b, 0.1 * lambda_max(b), max_iter=3, tol=1e-14, polish=False)
     assert not bool(info.converged.any()) and torch.all(info.iterations == 3)
     assert torch.all(info.primal_residual >= 0) and torch.all(info.dual_residual >= 0)
