@@ -147,3 +147,54 @@ def guided_gradcam(model: nn.Module, images: Tensor, layer: str, target: Target 
     if normalize:
         maps = normalize_maps(maps)
     return guided_backprop(model, images, t) * maps.unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------- RISE
+
+
+def rise_masks(num_masks: int, size: tuple[int, int], *, grid: int = 7, p: float = 0.5, seed: int = 0,
+               device=None) -> Tensor:
+    """RISE's random masks (Petsiuk et al. 2018, §3.2) -> Tensor[num_masks, H, W] in [0, 1]: a
+    grid x grid binary array with P(1) = p, bilinearly upsampled to (grid + 1) x cell (cell =
+    ceil(size / grid)) and cropped to `size` at a random shift in [0, cell)."""
+    if not isinstance(num_masks, int) or num_masks < 1:
+        raise ValueError(f"num_masks must be a positive int; got {num_masks!r}")
+    if not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive int; got {grid!r}")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"p must be in (0, 1]; got {p!r}")
+    H, W = (int(s) for s in size)
+    gen = torch.Generator().manual_seed(seed)
+    cells = (torch.rand(num_masks, 1, grid, grid, generator=gen) < p).float()
+    ch, cw = -(-H // grid), -(-W // grid)
+    up = F.interpolate(cells, size=((grid + 1) * ch, (grid + 1) * cw), mode="bilinear", align_corners=False)
+    dy = torch.randint(0, ch, (num_masks,), generator=gen)
+    dx = torch.randint(0, cw, (num_masks,), generator=gen)
+    masks = torch.stack([up[i, 0, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(num_masks)]).clamp_(0, 1)
+    return masks.to(device) if device is not None else masks
+
+
+def rise(model: nn.Module, images: Tensor, target: Target = None, *, num_masks: int = 4000, grid: int = 7,
+         p: float = 0.5, batch_size: int = 64, seed: int = 0) -> Tensor:
+    """RISE (Petsiuk et al. 2018): S_c = 1 / (N p) sum_i P_c(I ⊙ M_i) M_i over random masks M_i
+    (`rise_masks`, the same masks for every image), P_c the softmax probability of the target class;
+    the images are masked as the model sees them (a masked pixel becomes 0 after normalisation, as in
+    the authors' code) -> Tensor[B, H, W] in [0, 1] (min-max normalised). Costs num_masks forwards
+    of the whole model per image, batch_size at a time."""
+    check_images(images)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    view = inference_view(model)
+    B, _, H, W = images.shape
+    masks = rise_masks(num_masks, (H, W), grid=grid, p=p, seed=seed, device=images.device)
+    with torch.no_grad():
+        t = resolve_target(target, view(images))
+        sal = torch.zeros(B, H, W, dtype=torch.float64, device=images.device)
+        per = max(1, batch_size // B)
+        for i in range(0, num_masks, per):
+            m = masks[i:i + per]  # [n, H, W]
+            x = (images[:, None] * m[None, :, None]).flatten(0, 1)  # [B*n, 3, H, W]
+            prob = view(x).float().softmax(dim=1).view(B, len(m), -1)
+            score = prob.gather(2, t[:, None, None].expand(B, len(m), 1)).squeeze(2)  # [B, n]
+            sal += torch.einsum("bn,nhw->bhw", score.double(), m.double())
+    return normalize_maps((sal / (num_masks * p)).float())

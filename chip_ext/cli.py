@@ -119,14 +119,23 @@ def _explain(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import Importance, data, evaluation, models
+    from . import Importance, data, evaluation, faithfulness, models
 
-    model, pre = models.load(args.model, args.weights)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in evaluation.METHODS]
+    if bad or not methods:
+        raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(evaluation.METHODS)}")
+    faith = [m.strip() for m in args.faithfulness.split(",") if m.strip()]
+    if any(m not in faithfulness.METRICS for m in faith):
+        raise SystemExit(f"--faithfulness: unknown {[m for m in faith if m not in faithfulness.METRICS]}; "
+                         f"choose from {', '.join(faithfulness.METRICS)}")
+    model, pre = models.load(args.model, args.weights)
     imp = Importance.load(args.importance) if args.importance else None
     layer = args.layer or (explain_layers(model, imp)[-1] if imp is not None else None)
-    if layer is None and any(m in ("gradcam", "cam", "gradcam_pytorch_grad_cam") for m in methods):
-        raise SystemExit("--layer is needed for gradcam/cam without --importance")
+    needs_layer = [m for m in methods if m not in ("chip", "refined", "rise")
+                   and not (m == "cam" and args.cam_layer is not None)]
+    if layer is None and needs_layer:
+        raise SystemExit(f"--layer is needed for {', '.join(needs_layer)} without --importance")
     samples = data.find_localization_samples(args.data)
     if args.limit is not None:
         samples = samples[: args.limit]
@@ -137,9 +146,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"warning: the importance was distilled on images seen as '{seen}'; evaluation squashes them to "
               f"{args.size}x{args.size} (the localisation protocol). Distil with --squash for W learned on what "
               "is evaluated.", file=sys.stderr)
-    fns = evaluation.standard_methods(model, methods, importance=imp, layer=layer, cam_layer=args.cam_layer)
+    fns = evaluation.standard_methods(model, methods, importance=imp, layer=layer, cam_layer=args.cam_layer,
+                                      options={"rise": {"num_masks": args.rise_masks}} if "rise" in methods else None)
     result = evaluation.evaluate(model, dataset, fns, pre.normalize, batch_size=args.batch_size,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, faithfulness_metrics=faith,
+                                 deletion_step=args.deletion_step)
     result.update({"model": args.model, "data": str(args.data), "layer": layer, "cam_layer": args.cam_layer or layer,
                    "importance": None if imp is None else str(args.importance)})
     print(evaluation.format_table(result))
@@ -279,7 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="folder with val_labels.csv + val_boxes.csv, val_boxes_xml/, "
                     "or wsolevaluation metadata")
     ev.add_argument("--methods", default="chip,refined,gradcam,cam",
-                    help="comma list of chip, refined, gradcam, cam, gradcam_pytorch_grad_cam")
+                    help="comma list of chip, refined, image_chip (per-image CHIP), gradcam, cam, rise, and "
+                    "pytorch-grad-cam's gradcam_pytorch_grad_cam, gradcam++, scorecam, ablationcam, layercam, "
+                    "xgradcam, eigencam, hirescam")
+    ev.add_argument("--faithfulness", default="",
+                    help="comma list of deletion, insertion (RISE protocol) and road (pytorch-grad-cam's "
+                    "ROADCombined), on the evaluation half (default: none; each costs forwards per image)")
+    ev.add_argument("--deletion-step", type=_int_at_least(1), default=224,
+                    help="pixels removed or inserted per step of the deletion/insertion curves (224, RISE's)")
+    ev.add_argument("--rise-masks", type=_int_at_least(1), default=4000, help="masks for rise (4000)")
     ev.add_argument("--layer", default=None, help="layer for chip/gradcam (default: the importance's last)")
     ev.add_argument("--cam-layer", default=None, help="layer before global pooling for cam (default: --layer)")
     ev.add_argument("--size", type=_int_at_least(8), default=224,

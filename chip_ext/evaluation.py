@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from . import baselines
+from . import baselines, faithfulness, peers
 from .data import LocalizationDataset, collate_localization
 from .explain import explain
+from .image_chip import image_chip
 from .importance import Importance
 from .localization import DEFAULT_THRESHOLDS, box_correct_both, ilsvrc_metrics
 from .maps import inference_view
@@ -25,66 +26,103 @@ from .maps import inference_view
 MapFn = Callable[[Tensor, Tensor], Tensor]  # (normalised images [B,3,H,W], classes [B]) -> maps [B,H,W]
 
 
+METHODS = ("chip", "refined", "image_chip", "gradcam", "cam", "rise", *peers.CAM_CLASSES)
+
+
 def standard_methods(model: nn.Module, names, *, importance: Importance | None = None,
-                     layer: str | None = None, cam_layer: str | None = None) -> dict[str, MapFn]:
-    """Map functions for method names: chip, refined (need importance), gradcam (layer), cam
-    (cam_layer: the layer right before global pooling), gradcam_pytorch_grad_cam (the peer)."""
+                     layer: str | None = None, cam_layer: str | None = None,
+                     options: dict | None = None) -> dict[str, MapFn]:
+    """Map functions for method names (see METHODS):
+    chip, refined: CHIP and Refined CHIP (need `importance`; chip at `layer`);
+    image_chip: per-image CHIP at `layer` (`chip_ext.image_chip`);
+    gradcam, cam: ours (cam at `cam_layer`, the layer right before global pooling);
+    rise: RISE (input masks, layer-free);
+    pytorch-grad-cam's own classes at `layer`: gradcam_pytorch_grad_cam, gradcam++, scorecam,
+    ablationcam, layercam, xgradcam, eigencam (class-agnostic), hirescam.
+    options: {method: {keyword: value}} passed on (e.g. {"rise": {"num_masks": 1000}},
+    {"image_chip": {"num_perturbations": 256}}, {"scorecam": {"batch_size": 32}})."""
+    options = dict(options or {})
+    unknown = [m for m in options if m not in METHODS]
+    if unknown:
+        raise ValueError(f"options for unknown method(s) {unknown}; methods: {', '.join(METHODS)}")
     fns: dict[str, MapFn] = {}
     for name in names:
+        kw = dict(options.get(name, {}))
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
         if name in ("chip", "refined"):
             if importance is None:
                 raise ValueError(f"method {name!r} needs an importance")
             fns[name] = (lambda m: lambda x, t: explain(model, x, importance, method=m, target=t,
                                                         layer=layer if m == "chip" else None))(name)
+            continue
+        if name == "rise":
+            fns[name] = lambda x, t, kw=kw: baselines.rise(model, x, t, **kw)
+            continue
+        if layer is None and not (name == "cam" and cam_layer is not None):
+            raise ValueError(f"method {name!r} needs layer=")
+        if name == "image_chip":
+            fns[name] = lambda x, t, kw=kw: image_chip(model, x, layer, t, **kw)
         elif name == "gradcam":
             fns[name] = lambda x, t: baselines.gradcam(model, x, layer, t)
         elif name == "cam":
             fns[name] = lambda x, t: baselines.cam(model, x, cam_layer or layer, t)
-        elif name == "gradcam_pytorch_grad_cam":
-            fns[name] = _peer_gradcam(model, layer)
         else:
-            raise ValueError(f"unknown method {name!r}; choose from chip, refined, gradcam, cam, "
-                             "gradcam_pytorch_grad_cam")
+            fns[name] = peers.cam_method(model, name, layer, **kw)
     return fns
-
-
-def _peer_gradcam(model, layer) -> MapFn:
-    def fn(x, t):
-        from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-        view = inference_view(model, private=True)  # grad-cam calls model.eval() and hooks the layer
-        with GradCAM(model=view, target_layers=[view.get_submodule(layer)]) as cam:
-            out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
-        return torch.from_numpy(out).clamp(0, 1)
-
-    return fn
 
 
 def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, MapFn],
              normalize: Callable[[Tensor], Tensor], *, batch_size: int = 25,
-             thresholds=DEFAULT_THRESHOLDS, progress: bool = True) -> dict:
-    """-> {"n": N, "classification": {...}, "methods": {name: metrics}} (see module docstring)."""
+             thresholds=DEFAULT_THRESHOLDS, progress: bool = True, faithfulness_metrics=(),
+             faithfulness_images: str = "evaluation", deletion_step: int = 224,
+             road_percentiles=(20, 40, 60, 80)) -> dict:
+    """-> {"n": N, "classification": {...}, "methods": {name: metrics}} (see module docstring).
+
+    faithfulness_metrics: any of "deletion", "insertion" (the RISE protocol, `deletion_step` pixels a
+    step) and "road" (pytorch-grad-cam's ROADCombined at `road_percentiles`), each the mean over
+    `faithfulness_images` ("evaluation": the odd-indexed half, "all") of the true class's softmax
+    probability curve; stored per method under "faithfulness" with the per-image values."""
     from tqdm.auto import tqdm
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_localization)
     top5s, labels_all, boxes_all = [], [], []
     correct = {name: [] for name in methods}  # [N, T] at IoU .5, largest contour
     correct_v2 = {name: [] for name in methods}  # [N, T, 3] all contours, IoU .3/.5/.7
+    bad = [m for m in faithfulness_metrics if m not in faithfulness.METRICS]
+    if bad:
+        raise ValueError(f"faithfulness_metrics: unknown {bad}; choose from {faithfulness.METRICS}")
+    if faithfulness_images not in ("evaluation", "all"):
+        raise ValueError(f"faithfulness_images must be 'evaluation' or 'all'; got {faithfulness_images!r}")
+    faith = {name: {m: [] for m in faithfulness_metrics} for name in methods}
+    seen = 0
     view = inference_view(model)  # eval mode without changing the model
     tensors = list(model.parameters()) + list(model.buffers())
     device = tensors[0].device if tensors else torch.device("cpu")
     for x01, labels, boxes in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
         x = normalize(x01.to(device))  # on the model's device
         with torch.no_grad():
-            top5s.append(view(x).topk(5, dim=1).indices.cpu())
+            logits = view(x)
+            top5s.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())  # fewer classes: all
         labels_all.append(labels)
         boxes_all += boxes
+        index = torch.arange(seen, seen + len(labels))
+        seen += len(labels)
+        pick = index % 2 == 1 if faithfulness_images == "evaluation" else torch.ones(len(labels), dtype=torch.bool)
         for name, fn in methods.items():
             maps = fn(x, labels.to(device)).detach().float().cpu().clamp(0, 1)
             v1, v2 = box_correct_both(maps, boxes, thresholds)
             correct[name].append(v1)
             correct_v2[name].append(v2)
+            if faithfulness_metrics and bool(pick.any()):
+                xs, ms, ts = x[pick.to(x.device)], maps[pick].to(device), labels[pick].to(device)
+                if "deletion" in faithfulness_metrics or "insertion" in faithfulness_metrics:
+                    di = faithfulness.deletion_insertion(model, xs, ms, ts, step=deletion_step)
+                    for m in ("deletion", "insertion"):
+                        if m in faithfulness_metrics:
+                            faith[name][m] += di[m].tolist()
+                if "road" in faithfulness_metrics:
+                    faith[name]["road"] += faithfulness.road(model, xs, ms, ts, percentiles=road_percentiles).tolist()
     top5, labels = torch.cat(top5s), torch.cat(labels_all)
     N = len(labels)
     calib, evals = np.arange(0, N, 2), np.arange(1, N, 2)
@@ -113,9 +151,18 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
             "max_box_acc_threshold_all_images": float(thresholds[int(np.argmax(acc_all))]),
             "max_box_acc_v2_all_images": {f"iou{d}": float(v2[:, :, k].mean(0).max())
                                           for k, d in enumerate((30, 50, 70))},
+            "max_box_acc_v2_evaluation": float(np.mean([v2[evals, :, k].mean(0).max() for k in range(3)])),
         }
         r = result["methods"][name]["max_box_acc_v2_all_images"]
         r["mean"] = float(np.mean(list(r.values())))
+        if faithfulness_metrics:
+            result["methods"][name]["faithfulness"] = {
+                m: {"mean": float(np.mean(v)), "n": len(v), "per_image": v} for m, v in faith[name].items()}
+    if faithfulness_metrics:
+        result["faithfulness_protocol"] = {
+            "images": faithfulness_images, "deletion_step_pixels": deletion_step,
+            "road_percentiles": list(road_percentiles), "score": "softmax probability of the true class",
+            "better": {"deletion": "lower", "insertion": "higher", "road": "higher"}}
     return result
 
 
@@ -127,7 +174,8 @@ def format_table(result: dict) -> str:
         a = r["at_calibrated_threshold"]
         lines.append(f"{name:<26} {a['top1_loc_error']:>13.3f} {a['top5_loc_error']:>13.3f} "
                      f"{a['gt_known_loc']:>9.3f} {r['max_box_acc_all_images']:>9.3f} "
-                     f"{r['max_box_acc_v2_all_images']['mean']:>11.3f} {r['calibrated_threshold']:>11.2f}")
+                     f"{r['max_box_acc_v2_all_images']['mean']:>11.3f} {r['calibrated_threshold']:>11.2f}"
+                     + "".join(f" {k}={v['mean']:.3f}" for k, v in r.get("faithfulness", {}).items()))
     c = result["classification"]
     lines.append(f"classification error: top-1 {c['top1_error']:.3f}, top-5 {c['top5_error']:.3f}  "
                  f"(N={result['n']}; loc errors and GT-known on the {result['n_evaluation']} evaluation images "

@@ -255,3 +255,64 @@ def test_mode_restored(resnet):
 def test_bad_inputs(resnet, call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call(resnet)
+
+
+# ------------------------------------------------------------------------------------- RISE
+
+
+class QuadrantModel(nn.Module):
+    """Class 0's logit is 8 x the mean of channel 0 over the top-left quadrant; class 1's is 0."""
+
+    def forward(self, x):
+        s = x[:, 0, : x.shape[2] // 2, : x.shape[3] // 2].mean(dim=(1, 2)) * 8
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+def test_rise_masks_follow_the_paper():
+    from chip_ext.baselines import rise_masks
+
+    m = rise_masks(400, (40, 56), grid=7, p=0.3, seed=3)
+    assert m.shape == (400, 40, 56) and float(m.min()) >= 0 and float(m.max()) <= 1
+    assert abs(float(m.mean()) - 0.3) < 0.03  # E[M] = p
+    assert torch.equal(m, rise_masks(400, (40, 56), grid=7, p=0.3, seed=3))
+    assert not torch.equal(m, rise_masks(400, (40, 56), grid=7, p=0.3, seed=4))
+
+
+def test_rise_is_the_papers_sum_in_float64():
+    """S = 1/(N p) sum_i P_c(I ⊙ M_i) M_i, computed here mask by mask in float64."""
+    from chip_ext.baselines import rise, rise_masks
+    from chip_ext.maps import normalize_maps
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5)).double()
+    x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
+    t = torch.tensor([1, 4])
+    masks = rise_masks(50, (24, 24), grid=4, p=0.5, seed=7).double()
+    expected = torch.zeros(2, 24, 24, dtype=torch.float64)
+    for b in range(2):
+        for m in masks:
+            prob = model((x[b] * m)[None]).softmax(1)[0, t[b]]
+            expected[b] += prob * m
+    expected = normalize_maps(expected / (50 * 0.5))
+    got = rise(model, x, t, num_masks=50, grid=4, p=0.5, seed=7, batch_size=7)
+    assert (got.double() - expected).abs().max() < 1e-5
+
+
+def test_rise_finds_the_region_the_class_reads():
+    from chip_ext.baselines import rise
+
+    x = torch.ones(1, 3, 32, 32)
+    sal = rise(QuadrantModel(), x, 0, num_masks=500, grid=4, p=0.5)
+    peak = int(sal[0].argmax())
+    assert peak // 32 < 16 and peak % 32 < 16  # the peak inside the quadrant the class reads
+    assert float(sal[0, :16, :16].mean()) > float(sal[0, 16:, 16:].mean()) + 0.15
+
+
+@pytest.mark.parametrize("kw, pattern", [({"num_masks": 0}, "num_masks"), ({"grid": 0}, "grid"),
+                                         ({"p": 0.0}, "p must"), ({"batch_size": 0}, "batch_size")])
+def test_rise_bad_arguments(kw, pattern):
+    from chip_ext.baselines import rise
+
+    with pytest.raises(ValueError, match=pattern):
+        rise(QuadrantModel(), torch.ones(1, 3, 8, 8), 0, **kw)

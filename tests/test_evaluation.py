@@ -28,6 +28,24 @@ def test_distill_then_evaluate_cli(tmp_path):
         m = result["methods"][name]
         assert 0 <= m["at_calibrated_threshold"]["gt_known_loc"] <= 1
         assert 0 <= m["max_box_acc_all_images"] <= 1 and m["calibrated_threshold"] in result["thresholds"]
+    # the peers and faithfulness from the command line
+    r = subprocess.run([sys.executable, "-m", "chip_ext", "evaluate", "--model", "efficientnet_lite0",
+                        "--data", str(root), "--methods", "eigencam,rise,image_chip", "--layer", "blocks.6",
+                        "--rise-masks", "8", "--faithfulness", "deletion,insertion", "--deletion-step", "12544",
+                        "--limit", "4", "--batch-size", "4", "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    for name in ("eigencam", "rise", "image_chip"):
+        f = result["methods"][name]["faithfulness"]
+        assert f["deletion"]["n"] == 2 and 0 <= f["deletion"]["mean"] <= 1 and 0 <= f["insertion"]["mean"] <= 1
+    assert "deletion=" in r.stdout
+    for bad, message in ((["--methods", "gradcam,scorecamm"], "--methods: unknown ['scorecamm']"),
+                         (["--methods", "gradcam", "--faithfulness", "auc"], "--faithfulness: unknown ['auc']"),
+                         (["--methods", "layercam"], "--layer is needed for layercam")):
+        r = subprocess.run([sys.executable, "-m", "chip_ext", "evaluate", "--model", "efficientnet_lite0",
+                            "--data", str(root), *bad], capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and message in r.stderr, r.stderr
 
 
 def test_peer_gradcam_leaves_the_model_alone(resnet):
@@ -35,12 +53,12 @@ def test_peer_gradcam_leaves_the_model_alone(resnet):
     view, so the user's model keeps its mode and gets no hooks."""
     import torch
 
-    from chip_ext.evaluation import _peer_gradcam
+    from chip_ext.peers import cam_method
 
     resnet.train()
     try:
         x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-        maps = _peer_gradcam(resnet, "layer4")(x, torch.tensor([1, 2]))
+        maps = cam_method(resnet, "gradcam_pytorch_grad_cam", "layer4")(x, torch.tensor([1, 2]))
         assert maps.shape == (2, 64, 64) and float(maps.max()) > 0
         assert resnet.training and all(m.training for m in resnet.modules())
         assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in resnet.modules())
@@ -167,3 +185,57 @@ def test_max_box_acc_v2_takes_the_best_threshold_per_iou():
     assert abs(per["mean"] - (1 + 1 + 2 / 3) / 3) < 1e-9  # the best single threshold would give 0.778
     _, v2 = box_correct_both(maps, gts, np.array([0.1, 0.5]))
     assert v2.mean(0).tolist() == [[1.0, 1.0, 1 / 3], [2 / 3, 2 / 3, 2 / 3]]
+
+
+def test_evaluate_faithfulness_on_the_evaluation_half():
+    """deletion (RISE protocol) inside evaluate(): the known answer of test_faithfulness (0.25 for the
+    perfect map, 0.75 for its reverse), averaged over the odd-indexed images only."""
+    import numpy as np
+    import torch
+    from test_faithfulness import RegionFraction
+
+    from chip_ext.evaluation import evaluate
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.ones(3, 16, 16), 0, np.array([[0, 0, 16, 8]])
+
+    def perfect(x, t):
+        m = torch.zeros(x.shape[0], 16, 16)
+        m[:, :8] = 1
+        return m
+
+    r = evaluate(RegionFraction(), Data(), {"good": perfect, "bad": lambda x, t: 1 - perfect(x, t)},
+                 lambda x: x, batch_size=2, progress=False, faithfulness_metrics=("deletion",), deletion_step=64)
+    good, bad = r["methods"]["good"]["faithfulness"], r["methods"]["bad"]["faithfulness"]
+    assert good["deletion"]["n"] == 2 and len(good["deletion"]["per_image"]) == 2  # images 1 and 3
+    assert abs(good["deletion"]["mean"] - 0.25) < 1e-5 and abs(bad["deletion"]["mean"] - 0.75) < 1e-5
+    assert r["faithfulness_protocol"]["better"]["deletion"] == "lower"
+    assert "insertion" not in good
+    with __import__("pytest").raises(ValueError, match="faithfulness_metrics: unknown"):
+        evaluate(RegionFraction(), Data(), {"good": perfect}, lambda x: x, progress=False,
+                 faithfulness_metrics=("auc",))
+
+
+def test_standard_methods_names_and_options(resnet):
+    import pytest
+
+    from chip_ext import evaluation
+
+    fns = evaluation.standard_methods(resnet, ["gradcam++", "rise", "image_chip", "eigencam"], layer="layer4",
+                                      options={"rise": {"num_masks": 8}, "image_chip": {"num_perturbations": 4}})
+    import torch
+
+    x = torch.randn(2, 3, 32, 32)
+    for name, fn in fns.items():
+        m = fn(x, torch.tensor([0, 1]))
+        assert m.shape == (2, 32, 32), name
+    with pytest.raises(ValueError, match=r"unknown method 'gradcam\+'"):
+        evaluation.standard_methods(resnet, ["gradcam+"], layer="layer4")
+    with pytest.raises(ValueError, match="needs layer="):
+        evaluation.standard_methods(resnet, ["layercam"])
+    with pytest.raises(ValueError, match="options for unknown"):
+        evaluation.standard_methods(resnet, ["rise"], options={"risee": {}})

@@ -1,0 +1,201 @@
+"""CHIP variants against today's default, on the CALIBRATION half of the Imagenette val images only
+(even indices; issue 13's protocol): the solver options (λ, fit_intercept, positive) on one pass,
+the pass options (target, gate distribution, σ, N, images) one at a time, Refined CHIP over layer
+pairs, and per-image CHIP (N, λ, score, intercept, a class-level prior). Every row is kept in the JSON;
+the choice is the row with the best calibration GT-known MaxBoxAcc (mean over the layers it covers).
+
+    python benchmarks/quality_common.py base logit drop09 sigma2 n100 img300   # the passes first
+    python benchmarks/chip_variants.py [--parts solver,passes,refined,image]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_common as q  # noqa: E402
+
+from chip_ext import image_chip  # noqa: E402
+from chip_ext.localization import DEFAULT_THRESHOLDS, box_correct_both  # noqa: E402
+from chip_ext.maps import cached_split, inference_view, normalize_maps  # noqa: E402
+
+OUT = q.RESULTS / "chip_variants.json"
+
+
+def chip_fn(cache, imp, layer):
+    return lambda: cache.score(cache.chip_maps(imp, layer))
+
+
+def refined_fn(cache, imp, layers, how):
+    """Maps normalised per layer, then multiplied (the paper's Refined CHIP) or averaged."""
+    def fn():
+        per_layer = [cache.chip_maps(imp, l) for l in layers]
+        out = []
+        for maps in zip(*per_layer):
+            m = torch.stack(maps).prod(0) if how == "product" else torch.stack(maps).mean(0)
+            out.append(normalize_maps(m))
+        return cache.score(out)
+    return fn
+
+
+def image_fn(model, layer, prior_imp=None, **kw):
+    def fn(x, t):
+        prior = None
+        if prior_imp is not None:
+            W = prior_imp.weights[layer]
+            prior = torch.stack([W[prior_imp.row(int(c))] for c in t]).double()
+        return image_chip.image_chip(model, x, layer, t, prior=prior, **kw)
+    return fn
+
+
+class Cached:
+    """The calibration images with their labels and boxes, and each layer's activations computed
+    once: a class-level CHIP variant's maps are then one einsum (the same maps `explain` draws)."""
+
+    def __init__(self, model, ds, pre, batch_size=25):
+        from torch.utils.data import DataLoader
+
+        from chip_ext.data import collate_localization
+
+        self.model, self.x, self.labels, self.boxes = model, [], [], []
+        for x01, labels, boxes in DataLoader(ds, batch_size=batch_size, collate_fn=collate_localization):
+            self.x.append(pre.normalize(x01))
+            self.labels.append(labels)
+            self.boxes.append(boxes)
+        self.acts = {}
+
+    def activations(self, layer):
+        if layer not in self.acts:
+            prefix, _ = cached_split(inference_view(self.model), layer)
+            with torch.no_grad():
+                self.acts[layer] = [prefix(x) for x in self.x]
+        return self.acts[layer]
+
+    def chip_maps(self, imp, layer):
+        out = []
+        for A, t in zip(self.activations(layer), self.labels):
+            W = torch.stack([imp.weights[layer][imp.row(int(c))] for c in t]).float()
+            out.append(normalize_maps(torch.relu(torch.einsum("bk,bkhw->bhw", W, A.float())), self.x[0].shape[-2:]))
+        return out
+
+    def score(self, maps_batches) -> dict:
+        v1 = np.concatenate([box_correct_both(m.float().clamp(0, 1), b, DEFAULT_THRESHOLDS)[0]
+                             for m, b in zip(maps_batches, self.boxes)])
+        v2 = np.concatenate([box_correct_both(m.float().clamp(0, 1), b, DEFAULT_THRESHOLDS)[1]
+                             for m, b in zip(maps_batches, self.boxes)])
+        return {"max_box_acc": float(v1.mean(0).max()), "max_box_acc_v2": float(v2.mean(0).max(0).mean())}
+
+    def score_fn(self, fn) -> dict:
+        return self.score([fn(x, t) for x, t in zip(self.x, self.labels)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="solver,passes,refined,image")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
+    model, pre = q.load_model()
+    cal = q.val_half(pre, "calibration")
+    record = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    record.update({"benchmark": "chip_variants", "date": dt.date.today().isoformat(),
+                   "machine": f"CPU (2-core AMD EPYC), {torch.get_num_threads()} threads",
+                   "split": f"calibration half of data/imagenette/val (even indices, {len(cal)} images)",
+                   "model": q.MODEL, "passes": q.PASSES})
+    rows = record.setdefault("rows", {})
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+    cache = Cached(model, cal, pre)
+
+    def run(part, fns_by_key: dict, meta: dict):
+        for k, fn in fns_by_key.items():
+            t0 = time.perf_counter()
+            r = fn() if callable(fn) and fn.__code__.co_argcount == 0 else cache.score_fn(fn)
+            rows[k] = {"part": part, **meta.get(k, {}), **r, "seconds": time.perf_counter() - t0}
+            print(f"{k:<75} MaxBoxAcc {r['max_box_acc']:.3f}  V2 {r['max_box_acc_v2']:.3f}", flush=True)
+            save()
+
+    if "solver" in parts:  # one pass, every solver option, every sweep layer
+        for ratio in (0.01, 0.03, 0.1, 0.3):
+            fns, meta = {}, {}
+            for fi in (False, True):
+                for pos in (False, True):
+                    imp = q.solve(model, "base", lam_ratio=ratio, fit_intercept=fi, positive=pos)
+                    for layer in q.SWEEP_LAYERS:
+                        key = f"solver base lam={ratio} intercept={fi} positive={pos} @{layer}"
+                        fns[key] = chip_fn(cache, imp, layer)
+                        meta[key] = {"pass": "base", "lam_ratio": ratio, "fit_intercept": fi, "positive": pos,
+                                     "layer": layer}
+            run("solver", fns, meta)
+
+    if "passes" in parts:  # one pass option at a time, default and positive+intercept solver
+        for tag in ("base", "logit", "drop09", "sigma2", "n100", "img300"):
+            if not (q.WORK / f"{tag}.ckpt").is_file():
+                print(f"pass {tag}: no checkpoint yet, skipped in this run", flush=True)
+                continue
+            fns, meta = {}, {}
+            for ratio in (0.03, 0.1):
+                for fi, pos in ((False, False), (True, True)):
+                    try:
+                        imp = q.solve(model, tag, lam_ratio=ratio, fit_intercept=fi, positive=pos,)
+                    except Exception as err:  # an unfinished pass
+                        print(f"pass {tag}: {err}", flush=True)
+                        break
+                    for layer in q.VARIANT_LAYERS:
+                        key = f"pass {tag} lam={ratio} intercept={fi} positive={pos} @{layer}"
+                        fns[key] = chip_fn(cache, imp, layer)
+                        meta[key] = {"pass": tag, "lam_ratio": ratio, "fit_intercept": fi, "positive": pos,
+                                     "layer": layer}
+            if fns:
+                run("passes", fns, meta)
+
+    if "refined" in parts:
+        best = record.get("chosen_solver", {"lam_ratio": 0.1, "fit_intercept": False, "positive": False})
+        imp = q.solve(model, "base", **best)
+        fns, meta = {}, {}
+        for layers in (["blocks.2", "bn2"], ["blocks.3", "bn2"], ["blocks.4", "bn2"], ["blocks.5", "bn2"],
+                       ["blocks.4", "blocks.6"], ["blocks.4", "blocks.5", "blocks.6", "bn2"]):
+            for how in ("product", "mean"):
+                key = f"refined {how} {'x'.join(layers)} {best}"
+                fns[key] = refined_fn(cache, imp, layers, how)
+                meta[key] = {"layers": layers, "how": how, **best}
+        run("refined", fns, meta)
+
+    if "image" in parts:  # per-image CHIP
+        fns, meta = {}, {}
+        for layer in ("blocks.6", "bn2", "blocks.4"):
+            for N in (128, 256):
+                for ratio in (0.003, 0.01, 0.03, 0.1):
+                    for sc in ("logit", "prob"):
+                        for fi in (True, False):
+                            if (sc, fi) != ("logit", True) and (N, ratio) != (256, 0.01):
+                                continue
+                            key = f"image N={N} lam={ratio} score={sc} intercept={fi} @{layer}"
+                            fns[key] = image_fn(model, layer, num_perturbations=N, lam_ratio=ratio, score=sc,
+                                                fit_intercept=fi)
+                            meta[key] = {"layer": layer, "N": N, "lam_ratio": ratio, "score": sc,
+                                         "fit_intercept": fi}
+            if (q.WORK / "logit.ckpt").is_file():
+                prior = q.solve(model, "logit", lam_ratio=0.1)
+                for ratio in (0.01, 0.1):
+                    key = f"image N=256 lam={ratio} score=logit intercept=True prior=logit-pass @{layer}"
+                    fns[key] = image_fn(model, layer, prior, num_perturbations=256, lam_ratio=ratio)
+                    meta[key] = {"layer": layer, "N": 256, "lam_ratio": ratio, "score": "logit",
+                                 "fit_intercept": True, "prior": "class-level W of the logit pass, lam 0.1"}
+            run("image", fns, meta)
+            fns, meta = {}, {}
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Localisation and faithfulness against depth (the paper's Fig. 8), CHIP against the CAM family.
+
+EfficientNet-Lite0, every layer from blocks.2 to bn2; CHIP from the "base" statistics pass
+(`quality_common.py base`: 100 shared train images a class, N=32) solved with the options chosen on
+the calibration half (`chip_variants.py`), per-image CHIP, our Grad-CAM and pytorch-grad-cam 1.5.7's
+own classes, on the 250 Imagenette val images: thresholds chosen on the calibration half (even
+indices), everything reported on the evaluation half (odd indices). Faithfulness (deletion and
+insertion AUC, RISE protocol) on the evaluation half for the methods in --faithful.
+
+    python benchmarks/layer_sweep.py            # writes results/layer_sweep.json and .png
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_common as q  # noqa: E402
+
+from chip_ext import evaluation  # noqa: E402
+
+PEERS = ["gradcam", "gradcam_pytorch_grad_cam", "gradcam++", "layercam", "xgradcam", "hirescam", "eigencam"]
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = record["layers"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    metrics = [("max_box_acc_evaluation", "GT-known MaxBoxAcc (IoU 0.5)"),
+               ("max_box_acc_v2_evaluation", "MaxBoxAccV2 (IoU .3/.5/.7)"),
+               ("insertion_minus_deletion", "insertion AUC − deletion AUC")]
+    for ax, (key, title) in zip(axes, metrics):
+        for method in record["methods"]:
+            ys = [record["results"].get(layer, {}).get(method, {}).get(key) for layer in layers]
+            if all(y is None for y in ys):
+                continue
+            style = "-o" if method.startswith(("chip", "image_chip")) else "--."
+            width = 2.5 if method.startswith(("chip", "image_chip")) else 1.2
+            ax.plot(range(len(layers)), [float("nan") if y is None else y for y in ys], style, lw=width, label=method)
+        ax.set_xticks(range(len(layers)), layers, rotation=30)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"EfficientNet-Lite0, Imagenette val evaluation half ({record['n_evaluation']} images), "
+                 f"{record['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", default=",".join(q.SWEEP_LAYERS))
+    p.add_argument("--methods", default="chip,image_chip," + ",".join(PEERS))
+    p.add_argument("--faithful", default="chip,image_chip,gradcam", help="methods with deletion/insertion")
+    p.add_argument("--deletion-step", type=int, default=224 * 14, help="pixels a step (16 steps at 224x224)")
+    p.add_argument("--lam-ratio", type=float, default=0.1)
+    p.add_argument("--fit-intercept", action="store_true")
+    p.add_argument("--positive", action="store_true")
+    p.add_argument("--image-chip", default="{}", help="JSON options of image_chip")
+    p.add_argument("--out", type=Path, default=q.RESULTS / "layer_sweep.json")
+    args = p.parse_args(argv)
+    model, pre = q.load_model()
+    val = q.val_dataset(pre)
+    layers = args.layers.split(",")
+    methods = args.methods.split(",")
+    faithful = [m for m in args.faithful.split(",") if m]
+    chip_opts = {"lam_ratio": args.lam_ratio, "fit_intercept": args.fit_intercept, "positive": args.positive}
+    image_opts = json.loads(args.image_chip)
+    imp = q.solve(model, "base", **chip_opts)
+    record = json.loads(args.out.read_text()) if args.out.is_file() else {"results": {}}
+    record.update({"benchmark": "layer_sweep", "date": dt.date.today().isoformat(),
+                   "machine": f"CPU (2-core AMD EPYC), {torch.get_num_threads()} threads", "model": q.MODEL,
+                   "layers": layers, "methods": methods, "faithful": faithful, "chip": {"pass": q.PASSES["base"],
+                                                                                       **chip_opts},
+                   "image_chip": image_opts, "deletion_step_pixels": args.deletion_step,
+                   "protocol": "threshold on the calibration half (even indices); numbers on the evaluation half"})
+    for layer in layers:
+        t0 = time.perf_counter()
+        names = [m for m in methods]
+        fns = evaluation.standard_methods(model, names, importance=imp, layer=layer,
+                                          options={"image_chip": image_opts} if "image_chip" in names else None)
+        if layer == "bn2":
+            fns["cam"] = evaluation.standard_methods(model, ["cam"], layer="bn2")["cam"]
+        loc = evaluation.evaluate(model, val, {k: v for k, v in fns.items() if k not in faithful}, pre.normalize,
+                                  progress=False)
+        fa = evaluation.evaluate(model, val, {k: v for k, v in fns.items() if k in faithful}, pre.normalize,
+                                 progress=False, faithfulness_metrics=("deletion", "insertion"),
+                                 deletion_step=args.deletion_step)
+        out = {}
+        for res in (loc, fa):
+            for name, r in res["methods"].items():
+                a = r["at_calibrated_threshold"]
+                row = {"max_box_acc_evaluation": r["max_box_acc_evaluation"],
+                       "max_box_acc_v2_evaluation": r["max_box_acc_v2_evaluation"],
+                       "top1_loc_error": a["top1_loc_error"], "gt_known_at_calibrated_threshold": a["gt_known_loc"],
+                       "calibrated_threshold": r["calibrated_threshold"]}
+                if "faithfulness" in r:
+                    row["deletion"] = r["faithfulness"]["deletion"]["mean"]
+                    row["insertion"] = r["faithfulness"]["insertion"]["mean"]
+                    row["insertion_minus_deletion"] = row["insertion"] - row["deletion"]
+                    row["n_faithfulness"] = r["faithfulness"]["deletion"]["n"]
+                out[name] = row
+        record["results"][layer] = out
+        record["n_evaluation"] = loc["n_evaluation"]
+        record["classification"] = loc["classification"]
+        record.setdefault("seconds", {})[layer] = time.perf_counter() - t0
+        print(f"== {layer} ({record['seconds'][layer]:.0f} s)", flush=True)
+        for name, r in out.items():
+            extra = f" del {r['deletion']:.3f} ins {r['insertion']:.3f}" if "deletion" in r else ""
+            print(f"  {name:<26} MaxBoxAcc {r['max_box_acc_evaluation']:.3f} V2 {r['max_box_acc_v2_evaluation']:.3f} "
+                  f"top1-loc-err {r['top1_loc_error']:.3f}{extra}", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        plot(record, args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

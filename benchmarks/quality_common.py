@@ -1,0 +1,119 @@
+"""Shared set-up of the explanation-quality benchmarks (issue 13): the model, the data halves, and
+CHIP statistics distilled once per configuration into a checkpoint that every later solve reuses.
+
+The sums a distillation accumulates do not depend on λ, `positive` or `fit_intercept`, so each
+configuration of the pass (layers, images per class, N, gates, target, σ) is distilled once into
+`WORK/<tag>.ckpt`; `solve(tag, ...)` re-solves a finished checkpoint with other solver options
+(`chip_ext.distill` with an empty loader) in seconds.
+
+    python benchmarks/quality_common.py base logit drop09 ...   # distil those passes (resumable)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import chip_ext
+from chip_ext import data, models
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+DATA = Path(os.environ.get("CHIP_EXT_DATA", ROOT.parent.parent / "shared" / "data"))
+WORK = Path(os.environ.get("CHIP_EXT_QUALITY_WORK", "/tmp/chip_ext_quality"))
+MODEL = "efficientnet_lite0"
+SWEEP_LAYERS = ["blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"]
+VARIANT_LAYERS = ["blocks.4", "blocks.6", "bn2"]
+
+# one distillation pass per tag: keyword arguments of chip_ext.distill plus per_class
+PASSES: dict[str, dict] = {
+    # today's defaults of the benchmark (100 images a class, N=32, prob target, max_drop 0.5, σ=√(K/4))
+    "base": {"layers": SWEEP_LAYERS, "per_class": 100, "num_perturbations": 32},
+    # one change at a time against "base", on the variant layers
+    "logit": {"layers": VARIANT_LAYERS, "per_class": 100, "num_perturbations": 32, "target": "logit"},
+    "drop09": {"layers": VARIANT_LAYERS, "per_class": 100, "num_perturbations": 32, "max_drop": 0.9},
+    "sigma2": {"layers": VARIANT_LAYERS, "per_class": 100, "num_perturbations": 32, "sigma_scale": 2.0},
+    "n100": {"layers": VARIANT_LAYERS, "per_class": 100, "num_perturbations": 100},
+    "img300": {"layers": VARIANT_LAYERS, "per_class": 300, "num_perturbations": 32},
+}
+
+
+def load_model():
+    model, pre = models.load(MODEL)
+    return model, dataclasses.replace(pre, squash=True)  # what the localisation images are
+
+
+def val_dataset(pre) -> data.LocalizationDataset:
+    return data.LocalizationDataset(data.find_localization_samples(DATA / "imagenette"),
+                                    interpolation=pre.interpolation)
+
+
+def halves(n: int) -> tuple[list[int], list[int]]:
+    """(calibration, evaluation) indices: even and odd positions."""
+    return list(range(0, n, 2)), list(range(1, n, 2))
+
+
+def val_half(pre, which: str):
+    val = val_dataset(pre)
+    cal, ev = halves(len(val))
+    return Subset(val, cal if which == "calibration" else ev)
+
+
+def _distill_kwargs(model, tag: str) -> tuple[dict, data.ImageNetTrain | None]:
+    spec = dict(PASSES[tag])
+    per_class = spec.pop("per_class")
+    scale = spec.pop("sigma_scale", None)
+    if scale is not None:  # σ = scale * √(K/4) per layer
+        from chip_ext.gates import default_sigma
+        from chip_ext.split import split
+
+        sigma = {}
+        for layer in spec["layers"]:
+            prefix, _ = split(chip_ext.maps.inference_view(model), layer)
+            with torch.no_grad():
+                K = prefix(torch.zeros(1, 3, 224, 224)).shape[1]
+            sigma[layer] = scale * default_sigma(K)
+        spec["sigma"] = sigma
+    return spec, per_class
+
+
+def distill_pass(tag: str, *, progress: bool = True) -> Path:
+    """Distils (or resumes) the pass `tag` into WORK/<tag>.ckpt; returns the path."""
+    model, pre = load_model()
+    spec, per_class = _distill_kwargs(model, tag)
+    ds = data.ImageNetTrain(DATA / "imagenette" / "train", pre, per_class=per_class)
+    WORK.mkdir(parents=True, exist_ok=True)
+    ck = WORK / f"{tag}.ckpt"
+    t0 = time.perf_counter()
+    imp = chip_ext.distill(model, DataLoader(ds, batch_size=16, num_workers=1), classes=ds.classes,
+                           checkpoint=ck, class_names=models.class_names_for(MODEL), progress=progress, **spec)
+    info = {"tag": tag, "spec": PASSES[tag], "images": imp.meta["images_seen"],
+            "seconds_this_call": time.perf_counter() - t0, "timing_s": imp.meta.get("timing_s")}
+    (WORK / f"{tag}.json").write_text(json.dumps(info, indent=2, default=str))
+    return ck
+
+
+def solve(model, tag: str, *, lam_ratio: float = 0.1, fit_intercept: bool = False, positive: bool = False,
+          layers: list[str] | None = None) -> chip_ext.Importance:
+    """Re-solves the finished pass `tag` with these solver options (no new pass)."""
+    spec, per_class = _distill_kwargs(model, tag)
+    ds = data.ImageNetTrain(DATA / "imagenette" / "train", lambda im: im, per_class=per_class)
+    ck = WORK / f"{tag}.ckpt"
+    if not ck.is_file():
+        raise FileNotFoundError(f"{ck}: distil the pass first (python benchmarks/quality_common.py {tag})")
+    return chip_ext.distill(model, [], classes=ds.classes, checkpoint=ck, lam_ratio=lam_ratio,
+                            fit_intercept=fit_intercept, positive=positive,
+                            class_names=models.class_names_for(MODEL), progress=False, **spec)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("CHIP_EXT_THREADS", torch.get_num_threads())))
+    for t in sys.argv[1:]:
+        print(f"== pass {t}", flush=True)
+        distill_pass(t)

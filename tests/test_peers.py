@@ -1,0 +1,65 @@
+"""pytorch-grad-cam's CAM family through `chip_ext.peers`: the library's own maps, our conventions,
+and the user's model left alone."""
+import pytest
+import torch
+
+from chip_ext import baselines
+from chip_ext.maps import normalize_maps
+from chip_ext.peers import CAM_CLASSES, cam_method
+
+
+def images(B=2, size=64, seed=0):
+    return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(CAM_CLASSES))
+def test_every_peer_maps_in_range_and_leaves_the_model_alone(resnet, name):
+    resnet.train()
+    try:
+        maps = cam_method(resnet, name, "layer4", batch_size=128)(images(), torch.tensor([1, 2]))
+        assert maps.shape == (2, 64, 64) and maps.dtype == torch.float32
+        assert float(maps.min()) >= 0 and torch.allclose(maps.flatten(1).amax(1), torch.ones(2))
+        assert resnet.training and all(m.training for m in resnet.modules())
+        assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in resnet.modules())
+    finally:
+        resnet.eval()
+
+
+def test_peer_gradcam_is_ours(resnet):
+    """The same Grad-CAM through the library and through chip_ext.baselines (same conventions)."""
+    x, t = images(), torch.tensor([3, 7])
+    peer = cam_method(resnet, "gradcam_pytorch_grad_cam", "layer3")(x, t)
+    ours = baselines.gradcam(resnet, x, "layer3", t)
+    assert (peer - ours).abs().max() < 2e-3
+
+
+def test_hirescam_is_the_library_formula(resnet):
+    """HiResCAM = ReLU(sum_k grad_k * A_k) elementwise (no spatial averaging of the gradient)."""
+    from chip_ext.maps import cached_split, inference_view
+
+    x, t = images(), torch.tensor([3, 7])
+    prefix, suffix = cached_split(inference_view(resnet), "layer3")
+    A = prefix(x).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(suffix(A).gather(1, t[:, None]).sum(), A)
+    expected = normalize_maps(torch.relu((g * A).sum(1)).detach(), (64, 64))
+    got = cam_method(resnet, "hirescam", "layer3")(x, t)
+    assert (got - expected).abs().max() < 2e-3
+
+
+def test_class_agnostic_and_discriminative(resnet):
+    x = images()
+    eig = cam_method(resnet, "eigencam", "layer4")
+    assert torch.equal(eig(x, torch.tensor([1, 2])), eig(x, torch.tensor([5, 9])))
+    gpp = cam_method(resnet, "gradcam++", "layer4")
+    assert not torch.allclose(gpp(x, torch.tensor([1, 2])), gpp(x, torch.tensor([5, 9])))
+
+
+@pytest.mark.parametrize("kwargs, exc, pattern", [
+    ({"name": "gradcam+++", "layer": "layer4"}, ValueError, "unknown pytorch-grad-cam method"),
+    ({"name": "layercam", "layer": "layer9"}, ValueError, "not a module"),
+    ({"name": "layercam", "layer": 4}, TypeError, "module name"),
+    ({"name": "scorecam", "layer": "layer4", "batch_size": 0}, ValueError, "batch_size"),
+])
+def test_bad_arguments(resnet, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        cam_method(resnet, **kwargs)
