@@ -96,10 +96,30 @@ class Cached:
         return self.score([fn(x, t) for x, t in zip(self.x, self.labels)])
 
 
+def choose_solver(rows: dict) -> dict:
+    """The solver options with the best mean calibration MaxBoxAcc over the sweep layers."""
+    by: dict = {}
+    for r in rows.values():
+        if r["part"] == "solver":
+            by.setdefault((r["lam_ratio"], r["fit_intercept"], r["positive"]), []).append(r["max_box_acc"])
+    full = {k: v for k, v in by.items() if len(v) == len(q.SWEEP_LAYERS)}
+    (lam, fi, pos), accs = max(full.items(), key=lambda kv: float(np.mean(kv[1])))
+    return {"lam_ratio": lam, "fit_intercept": fi, "positive": pos, "mean_max_box_acc": float(np.mean(accs))}
+
+
+def choose_image(rows: dict) -> dict:
+    """Per-image CHIP options with the best calibration MaxBoxAcc at blocks.6 (the full grid)."""
+    grid = [r for r in rows.values() if r["part"] == "image" and r["layer"] == "blocks.6" and "prior" not in r]
+    best = max(grid, key=lambda r: r["max_box_acc"])
+    return {"num_perturbations": best["N"], "lam_ratio": best["lam_ratio"], "score": best["score"],
+            "fit_intercept": best["fit_intercept"], "max_box_acc_blocks.6": best["max_box_acc"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="solver,passes,refined,image")
+    p.add_argument("--parts", default="solver,passes,peers,image,choose,refined")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--redo", action="store_true", help="measure rows that the JSON already has again")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     model, pre = q.load_model()
@@ -119,6 +139,8 @@ def main(argv=None) -> int:
 
     def run(part, fns_by_key: dict, meta: dict):
         for k, fn in fns_by_key.items():
+            if k in rows and not args.redo:  # measured already (the JSON keeps every row)
+                continue
             t0 = time.perf_counter()
             r = fn() if callable(fn) and fn.__code__.co_argcount == 0 else cache.score_fn(fn)
             rows[k] = {"part": part, **meta.get(k, {}), **r, "seconds": time.perf_counter() - t0}
@@ -145,13 +167,15 @@ def main(argv=None) -> int:
                 continue
             fns, meta = {}, {}
             for ratio in (0.03, 0.1):
-                for fi, pos in ((False, False), (True, True)):
+                for fi, pos in ((False, False), (True, False)):
                     try:
                         imp = q.solve(model, tag, lam_ratio=ratio, fit_intercept=fi, positive=pos,)
                     except Exception as err:  # an unfinished pass
                         print(f"pass {tag}: {err}", flush=True)
                         break
-                    for layer in q.VARIANT_LAYERS:
+                    for layer in q.PASSES[tag]["layers"]:
+                        if layer not in q.VARIANT_LAYERS:
+                            continue
                         key = f"pass {tag} lam={ratio} intercept={fi} positive={pos} @{layer}"
                         fns[key] = chip_fn(cache, imp, layer)
                         meta[key] = {"pass": tag, "lam_ratio": ratio, "fit_intercept": fi, "positive": pos,
@@ -159,8 +183,15 @@ def main(argv=None) -> int:
             if fns:
                 run("passes", fns, meta)
 
+    if "choose" in parts:
+        record["chosen_solver"] = choose_solver(rows)
+        record["chosen_image_chip"] = choose_image(rows)
+        print("chosen on the calibration half:", record["chosen_solver"], record["chosen_image_chip"], flush=True)
+        save()
+
     if "refined" in parts:
-        best = record.get("chosen_solver", {"lam_ratio": 0.1, "fit_intercept": False, "positive": False})
+        chosen = record["chosen_solver"]  # run --parts choose first
+        best = {k: chosen[k] for k in ("lam_ratio", "fit_intercept", "positive")}
         imp = q.solve(model, "base", **best)
         fns, meta = {}, {}
         for layers in (["blocks.2", "bn2"], ["blocks.3", "bn2"], ["blocks.4", "bn2"], ["blocks.5", "bn2"],
@@ -171,20 +202,28 @@ def main(argv=None) -> int:
                 meta[key] = {"layers": layers, "how": how, **best}
         run("refined", fns, meta)
 
-    if "image" in parts:  # per-image CHIP
-        fns, meta = {}, {}
-        for layer in ("blocks.6", "bn2", "blocks.4"):
-            for N in (128, 256):
-                for ratio in (0.003, 0.01, 0.03, 0.1):
-                    for sc in ("logit", "prob"):
-                        for fi in (True, False):
-                            if (sc, fi) != ("logit", True) and (N, ratio) != (256, 0.01):
-                                continue
-                            key = f"image N={N} lam={ratio} score={sc} intercept={fi} @{layer}"
-                            fns[key] = image_fn(model, layer, num_perturbations=N, lam_ratio=ratio, score=sc,
-                                                fit_intercept=fi)
-                            meta[key] = {"layer": layer, "N": N, "lam_ratio": ratio, "score": sc,
-                                         "fit_intercept": fi}
+    if "peers" in parts:  # for reference only: the peers are not tuned
+        from chip_ext import evaluation
+
+        for layer in q.SWEEP_LAYERS:
+            names = ["gradcam", "gradcam++", "layercam", "xgradcam", "eigencam"]
+            fns = evaluation.standard_methods(model, names, layer=layer)
+            if layer == "bn2":
+                fns["cam"] = evaluation.standard_methods(model, ["cam"], layer=layer)["cam"]
+            run("peers", {f"peer {k} @{layer}": v for k, v in fns.items()},
+                {f"peer {k} @{layer}": {"layer": layer, "method": k} for k in fns})
+
+    if "image" in parts:  # per-image CHIP: the grid at blocks.6, its best neighbours at bn2
+        grid = {"blocks.6": [(N, r, "logit", True) for N in (128, 256) for r in (0.003, 0.01, 0.03, 0.1)]
+                + [(256, 0.01, "prob", True), (256, 0.01, "logit", False), (256, 0.01, "prob", False)],
+                "bn2": [(256, r, "logit", True) for r in (0.01, 0.03)] + [(256, 0.01, "prob", True),
+                                                                          (256, 0.01, "logit", False)]}
+        for layer, combos in grid.items():
+            fns, meta = {}, {}
+            for N, ratio, sc, fi in combos:
+                key = f"image N={N} lam={ratio} score={sc} intercept={fi} @{layer}"
+                fns[key] = image_fn(model, layer, num_perturbations=N, lam_ratio=ratio, score=sc, fit_intercept=fi)
+                meta[key] = {"layer": layer, "N": N, "lam_ratio": ratio, "score": sc, "fit_intercept": fi}
             if (q.WORK / "logit.ckpt").is_file():
                 prior = q.solve(model, "logit", lam_ratio=0.1)
                 for ratio in (0.01, 0.1):
@@ -193,7 +232,6 @@ def main(argv=None) -> int:
                     meta[key] = {"layer": layer, "N": 256, "lam_ratio": ratio, "score": "logit",
                                  "fit_intercept": True, "prior": "class-level W of the logit pass, lam 0.1"}
             run("image", fns, meta)
-            fns, meta = {}, {}
     return 0
 
 

@@ -23,9 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_common as q  # noqa: E402
 
-from chip_ext import evaluation  # noqa: E402
+from chip_ext import Importance, evaluation  # noqa: E402
 
 PEERS = ["gradcam", "gradcam_pytorch_grad_cam", "gradcam++", "layercam", "xgradcam", "hirescam", "eigencam"]
+
+
+def depth_order(layers):
+    return sorted(layers, key=lambda l: q.SWEEP_LAYERS.index(l) if l in q.SWEEP_LAYERS else len(q.SWEEP_LAYERS))
 
 
 def plot(record: dict, path: Path) -> None:
@@ -34,19 +38,20 @@ def plot(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = record["layers"]
+    layers = depth_order(record["layers"])
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     metrics = [("max_box_acc_evaluation", "GT-known MaxBoxAcc (IoU 0.5)"),
                ("max_box_acc_v2_evaluation", "MaxBoxAccV2 (IoU .3/.5/.7)"),
                ("insertion_minus_deletion", "insertion AUC − deletion AUC")]
     for ax, (key, title) in zip(axes, metrics):
-        for method in record["methods"]:
+        for i, method in enumerate(list(record["methods"]) + ["cam"]):
             ys = [record["results"].get(layer, {}).get(method, {}).get(key) for layer in layers]
             if all(y is None for y in ys):
                 continue
             style = "-o" if method.startswith(("chip", "image_chip")) else "--."
             width = 2.5 if method.startswith(("chip", "image_chip")) else 1.2
-            ax.plot(range(len(layers)), [float("nan") if y is None else y for y in ys], style, lw=width, label=method)
+            ax.plot(range(len(layers)), [float("nan") if y is None else y for y in ys], style, lw=width,
+                    label=method, color=plt.get_cmap("tab10")(i % 10))
         ax.set_xticks(range(len(layers)), layers, rotation=30)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -57,47 +62,106 @@ def plot(record: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(record: dict) -> str:
+    """The README table: GT-known MaxBoxAcc on the evaluation half per layer and method, then
+    deletion / insertion where measured."""
+    layers = depth_order(record["layers"])
+    methods = [m for m in record["methods"] if any(m in record["results"].get(l, {}) for l in layers)] + ["cam"]
+    lines = ["| method | " + " | ".join(f"`{l}`" for l in layers) + " |", "|---" * (len(layers) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for l in layers:
+            r = record["results"].get(l, {}).get(m)
+            cells.append("" if r is None else f"{r['max_box_acc_evaluation']:.3f}")
+        if any(cells):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    faith = [m for m in methods if any("deletion" in record["results"].get(l, {}).get(m, {}) for l in layers)]
+    if faith:
+        lines += ["", "| deletion ↓ / insertion ↑ | " + " | ".join(f"`{l}`" for l in layers) + " |",
+                  "|---" * (len(layers) + 1) + "|"]
+        for m in faith:
+            cells = []
+            for l in layers:
+                r = record["results"].get(l, {}).get(m, {})
+                cells.append(f"{r['deletion']:.3f} / {r['insertion']:.3f}" if "deletion" in r else "")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default=",".join(q.SWEEP_LAYERS))
     p.add_argument("--methods", default="chip,image_chip," + ",".join(PEERS))
     p.add_argument("--faithful", default="chip,image_chip,gradcam", help="methods with deletion/insertion")
+    p.add_argument("--refined", default="blocks.2,bn2", help="layer pair of Refined CHIP, drawn at bn2")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--image-chip-layers", default=None, help="layers for image_chip (default: all)")
+    p.add_argument("--faithful-layers", default=None, help="layers with deletion/insertion (default: all)")
     p.add_argument("--deletion-step", type=int, default=224 * 14, help="pixels a step (16 steps at 224x224)")
     p.add_argument("--lam-ratio", type=float, default=0.1)
     p.add_argument("--fit-intercept", action="store_true")
     p.add_argument("--positive", action="store_true")
     p.add_argument("--image-chip", default="{}", help="JSON options of image_chip")
     p.add_argument("--out", type=Path, default=q.RESULTS / "layer_sweep.json")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images (a smoke test)")
+    p.add_argument("--table", action="store_true", help="print the README table from the JSON and stop")
     args = p.parse_args(argv)
+    if args.table:  # also redraws the figure from the JSON
+        record = json.loads(args.out.read_text())
+        plot(record, args.out.with_suffix(".png"))
+        print(markdown(record))
+        return 0
     model, pre = q.load_model()
     val = q.val_dataset(pre)
+    if args.limit is not None:
+        val = torch.utils.data.Subset(val, list(range(args.limit)))
     layers = args.layers.split(",")
     methods = args.methods.split(",")
+    if "refined" in methods:
+        raise SystemExit("--methods: Refined CHIP is drawn at bn2 from --refined, not listed here")
     faithful = [m for m in args.faithful.split(",") if m]
     chip_opts = {"lam_ratio": args.lam_ratio, "fit_intercept": args.fit_intercept, "positive": args.positive}
     image_opts = json.loads(args.image_chip)
     imp = q.solve(model, "base", **chip_opts)
     record = json.loads(args.out.read_text()) if args.out.is_file() else {"results": {}}
+    steps = record.setdefault("deletion_step_by_layer", {})
+    for l, rows in record["results"].items():  # layers of an earlier run keep their own step
+        if any("deletion" in r for r in rows.values()):
+            steps.setdefault(l, record.get("deletion_step_pixels"))
     record.update({"benchmark": "layer_sweep", "date": dt.date.today().isoformat(),
                    "machine": f"CPU (2-core AMD EPYC), {torch.get_num_threads()} threads", "model": q.MODEL,
                    "layers": layers, "methods": methods, "faithful": faithful, "chip": {"pass": q.PASSES["base"],
                                                                                        **chip_opts},
                    "image_chip": image_opts, "deletion_step_pixels": args.deletion_step,
+                   "image_chip_layers": args.image_chip_layers, "faithful_layers": args.faithful_layers,
                    "protocol": "threshold on the calibration half (even indices); numbers on the evaluation half"})
     for layer in layers:
         t0 = time.perf_counter()
-        names = [m for m in methods]
+        names = [m for m in methods if m != "image_chip" or args.image_chip_layers is None
+                 or layer in args.image_chip_layers.split(",")]
+        faithful_here = faithful if args.faithful_layers is None or layer in args.faithful_layers.split(",") else []
         fns = evaluation.standard_methods(model, names, importance=imp, layer=layer,
                                           options={"image_chip": image_opts} if "image_chip" in names else None)
         if layer == "bn2":
             fns["cam"] = evaluation.standard_methods(model, ["cam"], layer="bn2")["cam"]
-        loc = evaluation.evaluate(model, val, {k: v for k, v in fns.items() if k not in faithful}, pre.normalize,
-                                  progress=False)
-        fa = evaluation.evaluate(model, val, {k: v for k, v in fns.items() if k in faithful}, pre.normalize,
-                                 progress=False, faithfulness_metrics=("deletion", "insertion"),
-                                 deletion_step=args.deletion_step)
+            if args.refined:  # Refined CHIP over the layer pair chosen on the calibration half
+                pair = args.refined.split(",")
+                sub = Importance({l: imp.weights[l] for l in pair}, imp.classes, class_names=imp.class_names,
+                                 meta={"note": f"Refined CHIP {pair} from the base pass"})
+                fns[f"refined({'×'.join(pair)})"] = evaluation.standard_methods(
+                    model, ["refined"], importance=sub)["refined"]
+        loc = evaluation.evaluate(model, val, {k: v for k, v in fns.items() if k not in faithful_here},
+                                  pre.normalize, progress=args.progress)
+        results = [loc]
+        if any(k in faithful_here for k in fns):
+            results.append(evaluation.evaluate(model, val, {k: v for k, v in fns.items() if k in faithful_here},
+                                               pre.normalize, progress=args.progress,
+                                               faithfulness_metrics=("deletion", "insertion"),
+                                               deletion_step=args.deletion_step))
+        if len(results) > 1:
+            steps[layer] = args.deletion_step
         out = {}
-        for res in (loc, fa):
+        for res in results:
             for name, r in res["methods"].items():
                 a = r["at_calibrated_threshold"]
                 row = {"max_box_acc_evaluation": r["max_box_acc_evaluation"],

@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the regression target: softmax probabilities (the paper's) or logits")
     lam = di.add_mutually_exclusive_group()
     lam.add_argument("--lam-ratio", type=_float_in(0.0), default=None,
-                     help="the Lasso's lambda as a fraction of each class's lambda_max (default 0.1)")
+                     help="the Lasso's lambda as a fraction of each class's lambda_max (default 0.03)")
     lam.add_argument("--lam", type=_float_in(0.0), default=None, help="the Lasso's lambda, absolute")
     di.add_argument("--sigma", type=_float_in(0.0, strict=True), default=None,
                     help="proximity width for every layer (default sqrt(K/4) per layer)")
@@ -335,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--squash", action="store_true",
                     help="resize images to the model's size without keeping the aspect ratio (as chip-ext evaluate "
                          "and weakly-supervised localisation do) instead of resize + centre-crop")
-    di.add_argument("--fit-intercept", action="store_true",
-                    help="an unpenalised intercept per class in the Lasso (scikit-learn's fit_intercept)")
+    di.add_argument("--fit-intercept", action=argparse.BooleanOptionalAction, default=True,
+                    help="an unpenalised intercept per class in the Lasso (scikit-learn's fit_intercept; "
+                    "default on, --no-fit-intercept for the paper's Lasso without one)")
     di.add_argument("--positive", action="store_true", help="non-negative channel weights (scikit-learn's positive)")
     di.add_argument("--max-iter", type=_int_at_least(1), default=1000, help="ADMM iterations per class at most (1000)")
     di.add_argument("--tol", type=_float_in(0.0, strict=True), default=1e-7, help="ADMM relative tolerance (1e-7)")

@@ -40,14 +40,19 @@ def standard_methods(model: nn.Module, names, *, importance: Importance | None =
     pytorch-grad-cam's own classes at `layer`: gradcam_pytorch_grad_cam, gradcam++, scorecam,
     ablationcam, layercam, xgradcam, eigencam (class-agnostic), hirescam.
     options: {method: {keyword: value}} passed on (e.g. {"rise": {"num_masks": 1000}},
-    {"image_chip": {"num_perturbations": 256}}, {"scorecam": {"batch_size": 32}})."""
+    {"image_chip": {"num_perturbations": 256}}, {"scorecam": {"batch_size": 32}}).
+    The gradient peers (peers.FROM_GRADIENTS) share one forward and suffix backward per batch
+    (`peers.cam_method(shared=...)`: the library's own formulas on them, the same maps)."""
     options = dict(options or {})
     unknown = [m for m in options if m not in METHODS]
     if unknown:
         raise ValueError(f"options for unknown method(s) {unknown}; methods: {', '.join(METHODS)}")
     fns: dict[str, MapFn] = {}
+    gradients = peers.GradientCache()
     for name in names:
         kw = dict(options.get(name, {}))
+        if name in peers.FROM_GRADIENTS:
+            kw.setdefault("shared", gradients)
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
         if name in ("chip", "refined"):

@@ -48,7 +48,8 @@ def main():
                                ["conv1", "relu2"], num_perturbations=opt.get("N", 6), progress=False,
                                checkpoint=opt.get("checkpoint"), checkpoint_every=0,
                                shard_accumulators=opt.get("shard", False), batch_size=opt.get("batch"),
-                               fit_intercept=opt.get("fit_intercept", False), **TIGHT)
+                               **({"fit_intercept": opt["fit_intercept"]} if "fit_intercept" in opt else {}),
+                               **TIGHT)  # left out: distill's default, as in the single-process reference
         torch.save({k: v for k, v in imp.weights.items()} | {"meta": imp.meta, "intercepts": imp.intercepts},
                    out / f"rank{rank}.pt")
         dist.barrier()  # nobody tears the group down while another rank still uses it

@@ -63,3 +63,26 @@ def test_class_agnostic_and_discriminative(resnet):
 def test_bad_arguments(resnet, kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         cam_method(resnet, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["gradcam_pytorch_grad_cam", "gradcam++", "layercam", "xgradcam", "eigencam",
+                                  "hirescam"])
+def test_shared_gradients_give_the_librarys_maps(resnet, name):
+    """shared=True: one prefix forward and a suffix backward per batch, the library's get_cam_image on
+    them: the maps of the library's own full call."""
+    x, t = images(B=3), torch.tensor([3, 7, 1])
+    full = cam_method(resnet, name, "layer3")(x, t)
+    fast = cam_method(resnet, name, "layer3", shared=True)
+    assert (fast(x, t) - full).abs().max() < 1e-5
+    t2 = torch.tensor([5, 5, 5])  # new targets: the cache is not reused
+    assert (fast(x, t2) - cam_method(resnet, name, "layer3")(x, t2)).abs().max() < 1e-5
+
+
+def test_shared_cache_sees_a_new_batch_and_an_in_place_change(resnet):
+    t = torch.tensor([3, 7])
+    fast = cam_method(resnet, "hirescam", "layer3", shared=True)
+    for seed in (1, 2):
+        x = images(seed=seed)  # the previous batch is freed: its memory may come back
+        assert (fast(x, t) - cam_method(resnet, "hirescam", "layer3")(x, t)).abs().max() < 1e-5
+    x.mul_(-1)
+    assert (fast(x, t) - cam_method(resnet, "hirescam", "layer3")(x, t)).abs().max() < 1e-5
