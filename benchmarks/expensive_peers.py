@@ -35,7 +35,10 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="chip,gradcam,scorecam,ablationcam,rise")
     p.add_argument("--chip", default='{"lam_ratio": 0.03, "fit_intercept": true}', help="solver options (JSON)")
     p.add_argument("--out", type=Path, default=q.RESULTS / "expensive_peers.json")
+    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, pre = q.load_model()
     _, ev = q.halves(len(q.val_dataset(pre)))
     ds = Subset(q.val_dataset(pre), ev[: args.images])
@@ -45,7 +48,8 @@ def main(argv=None) -> int:
                                       options={"rise": {"num_masks": args.rise_masks}} if "rise" in names else None)
     correct = {n: [] for n in fns}
     seconds = {n: 0.0 for n in fns}
-    for x01, labels, boxes in DataLoader(ds, batch_size=4, collate_fn=collate_localization):
+    for i, (x01, labels, boxes) in enumerate(DataLoader(ds, batch_size=4, collate_fn=collate_localization)):
+        print(f"batch {i + 1} of {-(-len(ds) // 4)}", flush=True)
         x = pre.normalize(x01)
         for n, fn in fns.items():
             t0 = time.perf_counter()

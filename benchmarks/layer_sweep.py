@@ -32,6 +32,14 @@ def depth_order(layers):
     return sorted(layers, key=lambda l: q.SWEEP_LAYERS.index(l) if l in q.SWEEP_LAYERS else len(q.SWEEP_LAYERS))
 
 
+def method_names(record: dict) -> list[str]:
+    """Every method with a result, in the order first seen (the run's list, then bn2's extras)."""
+    names = list(record["methods"])
+    for layer in depth_order(record["results"]):
+        names += [m for m in record["results"][layer] if m not in names]
+    return names
+
+
 def plot(record: dict, path: Path) -> None:
     import matplotlib
 
@@ -44,14 +52,15 @@ def plot(record: dict, path: Path) -> None:
                ("max_box_acc_v2_evaluation", "MaxBoxAccV2 (IoU .3/.5/.7)"),
                ("insertion_minus_deletion", "insertion AUC − deletion AUC")]
     for ax, (key, title) in zip(axes, metrics):
-        for i, method in enumerate(list(record["methods"]) + ["cam"]):
+        for i, method in enumerate(method_names(record)):
             ys = [record["results"].get(layer, {}).get(method, {}).get(key) for layer in layers]
             if all(y is None for y in ys):
                 continue
-            style = "-o" if method.startswith(("chip", "image_chip")) else "--."
-            width = 2.5 if method.startswith(("chip", "image_chip")) else 1.2
+            ours = method.startswith(("chip", "image_chip", "refined"))
+            style = ("o" if method.startswith("refined") else "-o") if ours else "--."
+            width = 2.5 if ours else 1.2
             ax.plot(range(len(layers)), [float("nan") if y is None else y for y in ys], style, lw=width,
-                    label=method, color=plt.get_cmap("tab10")(i % 10))
+                    label=method, color=plt.get_cmap("tab20")(i % 20), markersize=9 if ours else 5)
         ax.set_xticks(range(len(layers)), layers, rotation=30)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -66,7 +75,7 @@ def markdown(record: dict) -> str:
     """The README table: GT-known MaxBoxAcc on the evaluation half per layer and method, then
     deletion / insertion where measured."""
     layers = depth_order(record["layers"])
-    methods = [m for m in record["methods"] if any(m in record["results"].get(l, {}) for l in layers)] + ["cam"]
+    methods = method_names(record)
     lines = ["| method | " + " | ".join(f"`{l}`" for l in layers) + " |", "|---" * (len(layers) + 1) + "|"]
     for m in methods:
         cells = []
@@ -105,9 +114,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=q.RESULTS / "layer_sweep.json")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (a smoke test)")
     p.add_argument("--table", action="store_true", help="print the README table from the JSON and stop")
+    p.add_argument("--merge", nargs="*", default=[], help="with --table: fold the per-layer results of these "
+                   "JSON files (runs of other layers, same settings) into --out first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.table:  # also redraws the figure from the JSON
         record = json.loads(args.out.read_text())
+        for other in args.merge:
+            o = json.loads(Path(other).read_text())
+            for layer, rows in o["results"].items():
+                mine = record["results"].setdefault(layer, {})
+                for method, row in rows.items():  # fields not there yet (e.g. faithfulness of a later run)
+                    mine[method] = row | mine.get(method, {})
+            for layer, step in o.get("deletion_step_by_layer", {}).items():
+                record.setdefault("deletion_step_by_layer", {}).setdefault(layer, step)
+                record.setdefault("seconds", {}).setdefault(layer, o.get("seconds", {}).get(layer))
+            record["layers"] = depth_order(set(record["layers"]) | set(o["layers"]))
+            record.setdefault("merged_from", []).append({"file": Path(other).name, "layers": o["layers"],
+                                                         "machine": o["machine"], "chip": o["chip"]})
+        record["layers"] = depth_order(record["results"])  # every layer measured, by this run or others
+        if args.merge:
+            args.out.write_text(json.dumps(record, indent=1) + "\n")
         plot(record, args.out.with_suffix(".png"))
         print(markdown(record))
         return 0
@@ -130,7 +159,7 @@ def main(argv=None) -> int:
             steps.setdefault(l, record.get("deletion_step_pixels"))
     record.update({"benchmark": "layer_sweep", "date": dt.date.today().isoformat(),
                    "machine": f"CPU (2-core AMD EPYC), {torch.get_num_threads()} threads", "model": q.MODEL,
-                   "layers": layers, "methods": methods, "faithful": faithful, "chip": {"pass": q.PASSES["base"],
+                   "layers": depth_order(set(record.get("layers", [])) | set(layers)), "methods": methods, "faithful": faithful, "chip": {"pass": q.PASSES["base"],
                                                                                        **chip_opts},
                    "image_chip": image_opts, "deletion_step_pixels": args.deletion_step,
                    "image_chip_layers": args.image_chip_layers, "faithful_layers": args.faithful_layers,

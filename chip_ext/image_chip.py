@@ -24,7 +24,7 @@ SCORES = ("logit", "prob")
 
 
 def image_chip_weights(model: nn.Module, images: Tensor, layer: str, target: Target = None, *,
-                       num_perturbations: int = 256, lam_ratio: float = 0.01, score: str = "logit",
+                       num_perturbations: int = 128, lam_ratio: float = 0.01, score: str = "logit",
                        max_drop: float = 0.5, sigma: float | None = None, fit_intercept: bool = True,
                        positive: bool = False, prior: Tensor | None = None, seed: int = 0,
                        batch_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
