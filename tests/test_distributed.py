@@ -289,7 +289,12 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(cli_one, tmp_path):
                            torchrun=["--nproc_per_node=2", "--max-restarts=1"],
                            extra=["--checkpoint", str(ck), "--checkpoint-every", "0", "--shard-accumulators",
                                   "--dist-timeout", "60"])
-    assert "Signals.SIGKILL" in log or "SIGKILL" in log or "exitcode: -9" in log, log[-3000:]
+    # torchrun reports the first rank it sees fail: the killed rank 1 (SIGKILL), or rank 0 aborting on the
+    # connection rank 1's death reset (a race; seen in a fresh-clone CI run). Either way the first attempt died
+    # of the kill, and the resume below is what is checked.
+    killed = "Signals.SIGKILL" in log or "SIGKILL" in log or "exitcode: -9" in log
+    peer_reset = "Connection reset by peer" in log and "exitcode: -6" in log
+    assert killed or peer_reset, log[-3000:]
     assert two.meta["resumed"] and two.meta["resumed_at_image"] == 3 and two.meta["images_seen"] == 10
     assert two.meta["shard_accumulators"] and sorted(list_rank_checkpoints(ck)) == [(0, 2), (1, 2)]
     torch.testing.assert_close(two.weights["1"], one.weights["1"], rtol=1e-6, atol=1e-9)
