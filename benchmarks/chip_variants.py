@@ -86,10 +86,10 @@ class Cached:
         return out
 
     def score(self, maps_batches) -> dict:
-        v1 = np.concatenate([box_correct_both(m.float().clamp(0, 1), b, DEFAULT_THRESHOLDS)[0]
-                             for m, b in zip(maps_batches, self.boxes)])
-        v2 = np.concatenate([box_correct_both(m.float().clamp(0, 1), b, DEFAULT_THRESHOLDS)[1]
-                             for m, b in zip(maps_batches, self.boxes)])
+        both = [box_correct_both(m.float().clamp(0, 1), b, DEFAULT_THRESHOLDS)
+                for m, b in zip(maps_batches, self.boxes)]
+        v1 = np.concatenate([c[0] for c in both])
+        v2 = np.concatenate([c[1] for c in both])
         return {"max_box_acc": float(v1.mean(0).max()), "max_box_acc_v2": float(v2.mean(0).max(0).mean())}
 
     def score_fn(self, fn) -> dict:

@@ -20,7 +20,7 @@ from .maps import check_images, inference_view, normalize_maps
 
 MapFn = Callable[[Tensor, Tensor], Tensor]
 
-# name in chip_ext -> pytorch_grad_cam class name; "class-agnostic" ones ignore the target
+# name in chip_ext -> pytorch_grad_cam class name (eigencam ignores the target class)
 CAM_CLASSES = {
     "gradcam_pytorch_grad_cam": "GradCAM",
     "gradcam++": "GradCAMPlusPlus",
@@ -31,9 +31,6 @@ CAM_CLASSES = {
     "eigencam": "EigenCAM",
     "hirescam": "HiResCAM",
 }
-CLASS_AGNOSTIC = {"eigencam"}
-# peers that run the whole model once per channel of the layer (cost grows with K)
-PER_CHANNEL = {"scorecam", "ablationcam"}
 # peers whose map is a formula of the layer's activations and their gradients only: with
 # shared=True they are drawn by the library's own get_cam_image from one forward of the model and
 # one backward through the suffix after the layer, shared by every such peer on the same batch

@@ -78,9 +78,7 @@ def test_step_count_and_ties():
     assert torch.allclose(curve, torch.tensor([[1.0, 28 / 128, 1e-6, 1e-6]]), atol=1e-5)
 
 
-def test_road_ranks_a_perfect_map_above_its_reverse(resnet):
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, 32, 32)
+def test_road_ranks_a_perfect_map_above_its_reverse():
     model = RegionFraction()
     x = torch.ones(1, 3, 32, 32)
     good = torch.zeros(1, 32, 32)
