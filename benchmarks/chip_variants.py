@@ -1,7 +1,8 @@
 """CHIP variants against today's default, on the CALIBRATION half of the Imagenette val images only
 (even indices; issue 13's protocol): the solver options (λ, fit_intercept, positive) on one pass,
 the pass options (target, gate distribution, σ, N, images) one at a time, Refined CHIP over layer
-pairs, and per-image CHIP (N, λ, score, intercept, a class-level prior). Every row is kept in the JSON;
+pairs, per-image CHIP (N, λ, score, intercept, a class-level prior) at blocks.6 and bn2, and per-image CHIP at
+blocks.3-blocks.5 (part image_mid). Every row is kept in the JSON;
 the choice is the row with the best calibration GT-known MaxBoxAcc (mean over the layers it covers).
 
     python benchmarks/quality_common.py base logit drop09 sigma2 n100 img300   # the passes first
@@ -117,7 +118,7 @@ def choose_image(rows: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="solver,passes,peers,image,choose,refined")
+    p.add_argument("--parts", default="solver,passes,peers,image,choose,refined,image_mid")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--redo", action="store_true", help="measure rows that the JSON already has again")
     args = p.parse_args(argv)
@@ -232,6 +233,16 @@ def main(argv=None) -> int:
                     meta[key] = {"layer": layer, "N": 256, "lam_ratio": ratio, "score": "logit",
                                  "fit_intercept": True, "prior": "class-level W of the logit pass, lam 0.1"}
             run("image", fns, meta)
+
+    if "image_mid" in parts:  # per-image CHIP at the intermediate layers (goal (a))
+        grid = {"blocks.3": ((128, 0.01), (256, 0.01)), "blocks.4": ((128, 0.01),), "blocks.5": ((128, 0.01),)}
+        for layer, combos in grid.items():
+            fns, meta = {}, {}
+            for N, ratio in combos:
+                key = f"image N={N} lam={ratio} score=logit intercept=True @{layer}"
+                fns[key] = image_fn(model, layer, num_perturbations=N, lam_ratio=ratio)
+                meta[key] = {"layer": layer, "N": N, "lam_ratio": ratio, "score": "logit", "fit_intercept": True}
+            run("image_mid", fns, meta)
     return 0
 
 
