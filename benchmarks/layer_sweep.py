@@ -64,6 +64,10 @@ def plot(record: dict, path: Path) -> None:
         ax.set_xticks(range(len(layers)), layers, rotation=30)
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    base = record.get("baseline_center")
+    if base:  # the no-model reference: what centred boxes score on this data
+        for ax, key in zip(axes[:2], ("max_box_acc_evaluation", "max_box_acc_v2_evaluation")):
+            ax.axhline(base[key], color="0.4", ls=":", lw=2, label="centre baseline (no model)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"EfficientNet-Lite0, Imagenette val evaluation half ({record['n_evaluation']} images), "
                  f"{record['date']}", fontsize=10)
@@ -84,6 +88,10 @@ def markdown(record: dict) -> str:
             cells.append("" if r is None else f"{r['max_box_acc_evaluation']:.3f}")
         if any(cells):
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    base = record.get("baseline_center")
+    if base:
+        lines.append("| *centre baseline (no model)* | " + " | ".join(
+            f"*{base['max_box_acc_evaluation']:.3f}*" for _ in layers) + " |")
     faith = [m for m in methods if any("deletion" in record["results"].get(l, {}).get(m, {}) for l in layers)]
     if faith:
         lines += ["", "| deletion ↓ / insertion ↑ | " + " | ".join(f"`{l}`" for l in layers) + " |",
@@ -117,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--merge", nargs="*", default=[], help="with --table: fold the per-layer results of these "
                    "JSON files (runs of other layers, same settings) into --out first")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--baseline", action="store_true", help="only measure the centre baseline (no model; "
+                   "`baselines.center`) on the same images and protocol, into --out, and stop")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,6 +154,24 @@ def main(argv=None) -> int:
     val = q.val_dataset(pre)
     if args.limit is not None:
         val = torch.utils.data.Subset(val, list(range(args.limit)))
+    if args.baseline:
+        record = json.loads(args.out.read_text())
+        res = evaluation.evaluate(model, val, evaluation.standard_methods(model, ["center"]), pre.normalize,
+                                  progress=args.progress, faithfulness_metrics=("deletion", "insertion"),
+                                  deletion_step=args.deletion_step)
+        r = res["methods"]["center"]
+        record["baseline_center"] = {
+            "max_box_acc_evaluation": r["max_box_acc_evaluation"],
+            "max_box_acc_v2_evaluation": r["max_box_acc_v2_evaluation"],
+            "top1_loc_error": r["at_calibrated_threshold"]["top1_loc_error"],
+            "gt_known_at_calibrated_threshold": r["at_calibrated_threshold"]["gt_known_loc"],
+            "calibrated_threshold": r["calibrated_threshold"],
+            "deletion": r["faithfulness"]["deletion"]["mean"], "insertion": r["faithfulness"]["insertion"]["mean"],
+            "deletion_step_pixels": args.deletion_step, "date": dt.date.today().isoformat(),
+            "note": "baselines.center: an isotropic Gaussian at the image centre, no model, no class"}
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps(record["baseline_center"], indent=1))
+        return 0
     layers = args.layers.split(",")
     methods = args.methods.split(",")
     if "refined" in methods:

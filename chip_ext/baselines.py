@@ -1,4 +1,5 @@
-"""The methods CHIP is compared with: Grad-CAM, CAM, Guided Backpropagation, Guided Grad-CAM.
+"""The methods CHIP is compared with: Grad-CAM, CAM, Guided Backpropagation, Guided Grad-CAM, RISE,
+and the no-model centre baseline that every localisation number should be read against.
 
 Same conventions as `chip_ext.explain`: images: Tensor[B, 3, H, W]; target None (top-1), an int,
 or one class per image (list or Tensor[B]); saliency maps Tensor[B, H, W] in [0, 1] at the input
@@ -198,3 +199,24 @@ def rise(model: nn.Module, images: Tensor, target: Target = None, *, num_masks: 
             score = prob.gather(2, t[:, None, None].expand(B, len(m), 1)).squeeze(2)  # [B, n]
             sal += torch.einsum("bn,nhw->bhw", score.double(), m.double())
     return normalize_maps((sal / (num_masks * p)).float())
+
+
+# ------------------------------------------------------------------------------- centre baseline
+
+
+def center(images: Tensor, target: Target = None, *, sigma: float = 0.25) -> Tensor:
+    """The centre baseline (no model, no class): an isotropic Gaussian centred on the image ->
+    Tensor[B, H, W] in [0, 1], the same map for every image. sigma: the standard deviation as a
+    fraction of the image width. Thresholding it gives centred boxes of every size, so its
+    MaxBoxAcc measures how much of a localisation score the dataset's centred, large objects give
+    for free (the centre-Gaussian baseline of Choe et al., "Evaluating Weakly Supervised Object
+    Localization Methods Right", CVPR 2020); MaxBoxAcc does not depend on sigma, since every sigma
+    gives the same family of boxes. `target` is accepted and ignored (one signature for all methods)."""
+    check_images(images)
+    if not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise ValueError(f"sigma must be > 0 (a fraction of the image width); got {sigma!r}")
+    B, _, H, W = images.shape
+    y = torch.arange(H, dtype=torch.float32, device=images.device) - (H - 1) / 2
+    x = torch.arange(W, dtype=torch.float32, device=images.device) - (W - 1) / 2
+    g = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * (sigma * W) ** 2))
+    return normalize_maps(g.expand(B, H, W).contiguous())

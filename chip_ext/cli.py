@@ -132,7 +132,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, pre = models.load(args.model, args.weights)
     imp = Importance.load(args.importance) if args.importance else None
     layer = args.layer or (explain_layers(model, imp)[-1] if imp is not None else None)
-    needs_layer = [m for m in methods if m not in ("chip", "refined", "rise")
+    needs_layer = [m for m in methods if m not in evaluation.LAYER_FREE
                    and not (m == "cam" and args.cam_layer is not None)]
     if layer is None and needs_layer:
         raise SystemExit(f"--layer is needed for {', '.join(needs_layer)} without --importance")
@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="folder with val_labels.csv + val_boxes.csv, val_boxes_xml/, "
                     "or wsolevaluation metadata")
     ev.add_argument("--methods", default="chip,refined,gradcam,cam",
-                    help="comma list of chip, refined, image_chip (per-image CHIP), gradcam, cam, rise, and "
+                    help="comma list of chip, refined, image_chip (per-image CHIP), gradcam, cam, rise, center (the "
+                         "no-model centre baseline), and "
                     "pytorch-grad-cam's gradcam_pytorch_grad_cam, gradcam++, scorecam, ablationcam, layercam, "
                     "xgradcam, eigencam, hirescam")
     ev.add_argument("--faithfulness", default="",

@@ -26,7 +26,8 @@ from .maps import inference_view
 MapFn = Callable[[Tensor, Tensor], Tensor]  # (normalised images [B,3,H,W], classes [B]) -> maps [B,H,W]
 
 
-METHODS = ("chip", "refined", "image_chip", "gradcam", "cam", "rise", *peers.CAM_CLASSES)
+METHODS = ("chip", "refined", "image_chip", "gradcam", "cam", "rise", "center", *peers.CAM_CLASSES)
+LAYER_FREE = ("chip", "refined", "rise", "center")  # methods that need no layer= (chip: the importance's last)
 
 
 def standard_methods(model: nn.Module, names, *, importance: Importance | None = None,
@@ -36,7 +37,7 @@ def standard_methods(model: nn.Module, names, *, importance: Importance | None =
     chip, refined: CHIP and Refined CHIP (need `importance`; chip at `layer`);
     image_chip: per-image CHIP at `layer` (`chip_ext.image_chip`);
     gradcam, cam: ours (cam at `cam_layer`, the layer right before global pooling);
-    rise: RISE (input masks, layer-free);
+    rise: RISE (input masks, layer-free); center: the centre baseline (no model, `baselines.center`);
     pytorch-grad-cam's own classes at `layer`: gradcam_pytorch_grad_cam, gradcam++, scorecam,
     ablationcam, layercam, xgradcam, eigencam (class-agnostic), hirescam.
     options: {method: {keyword: value}} passed on (e.g. {"rise": {"num_masks": 1000}},
@@ -63,6 +64,9 @@ def standard_methods(model: nn.Module, names, *, importance: Importance | None =
             continue
         if name == "rise":
             fns[name] = lambda x, t, kw=kw: baselines.rise(model, x, t, **kw)
+            continue
+        if name == "center":
+            fns[name] = lambda x, t, kw=kw: baselines.center(x, t, **kw)
             continue
         if layer is None and not (name == "cam" and cam_layer is not None):
             raise ValueError(f"method {name!r} needs layer=")

@@ -316,3 +316,37 @@ def test_rise_bad_arguments(kw, pattern):
 
     with pytest.raises(ValueError, match=pattern):
         rise(QuadrantModel(), torch.ones(1, 3, 8, 8), 0, **kw)
+
+
+def test_center_baseline_is_a_centred_gaussian_the_same_for_every_image():
+    from chip_ext.baselines import center
+
+    x = torch.randn(3, 3, 20, 30)
+    m = center(x, torch.tensor([0, 1, 2]), sigma=0.25)
+    assert m.shape == (3, 20, 30) and float(m.min()) >= 0 and float(m.max()) == 1.0
+    assert torch.equal(m[0], m[1]) and torch.equal(m[0], m[2])  # no model, no class
+    y, xx = torch.meshgrid(torch.arange(20) - 9.5, torch.arange(30) - 14.5, indexing="ij")
+    ref = torch.exp(-(y**2 + xx**2) / (2 * 7.5**2))
+    ref = (ref - ref.min()) / (ref.max() - ref.min())
+    torch.testing.assert_close(m[0], ref.float(), atol=1e-6, rtol=0)
+    assert torch.equal(m[0], m[0].flip(0)) and torch.equal(m[0], m[0].flip(1))  # symmetric about the centre
+
+
+def test_center_baseline_boxes_a_centred_object_and_misses_a_corner_one():
+    from chip_ext.baselines import center
+    from chip_ext.localization import DEFAULT_THRESHOLDS, max_box_acc
+
+    m = center(torch.zeros(2, 3, 64, 64))
+    centred, corner = [[16, 16, 47, 47]], [[0, 0, 15, 15]]
+    acc, _ = max_box_acc(m[:1], [centred], DEFAULT_THRESHOLDS)
+    assert acc == 1.0
+    acc, _ = max_box_acc(m[1:], [corner], DEFAULT_THRESHOLDS)
+    assert acc == 0.0
+
+
+@pytest.mark.parametrize("sigma", [0, -1.0, "wide"])
+def test_center_baseline_bad_sigma(sigma):
+    from chip_ext.baselines import center
+
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        center(torch.zeros(1, 3, 8, 8), sigma=sigma)

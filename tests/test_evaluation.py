@@ -30,13 +30,13 @@ def test_distill_then_evaluate_cli(tmp_path):
         assert 0 <= m["max_box_acc_all_images"] <= 1 and m["calibrated_threshold"] in result["thresholds"]
     # the peers and faithfulness from the command line
     r = subprocess.run([sys.executable, "-m", "chip_ext", "evaluate", "--model", "efficientnet_lite0",
-                        "--data", str(root), "--methods", "eigencam,rise,image_chip", "--layer", "blocks.6",
+                        "--data", str(root), "--methods", "eigencam,rise,image_chip,center", "--layer", "blocks.6",
                         "--rise-masks", "8", "--faithfulness", "deletion,insertion", "--deletion-step", "12544",
                         "--limit", "4", "--batch-size", "4", "--out", str(out), "--quiet"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
-    for name in ("eigencam", "rise", "image_chip"):
+    for name in ("eigencam", "rise", "image_chip", "center"):
         f = result["methods"][name]["faithfulness"]
         assert f["deletion"]["n"] == 2 and 0 <= f["deletion"]["mean"] <= 1 and 0 <= f["insertion"]["mean"] <= 1
     assert "deletion=" in r.stdout
@@ -225,7 +225,7 @@ def test_standard_methods_names_and_options(resnet):
 
     from chip_ext import evaluation
 
-    fns = evaluation.standard_methods(resnet, ["gradcam++", "rise", "image_chip", "eigencam"], layer="layer4",
+    fns = evaluation.standard_methods(resnet, ["gradcam++", "rise", "image_chip", "eigencam", "center"], layer="layer4",
                                       options={"rise": {"num_masks": 8}, "image_chip": {"num_perturbations": 4}})
     import torch
 
@@ -237,5 +237,6 @@ def test_standard_methods_names_and_options(resnet):
         evaluation.standard_methods(resnet, ["gradcam+"], layer="layer4")
     with pytest.raises(ValueError, match="needs layer="):
         evaluation.standard_methods(resnet, ["layercam"])
+    assert set(evaluation.standard_methods(resnet, ["center", "rise"])) == {"center", "rise"}  # layer-free
     with pytest.raises(ValueError, match="options for unknown"):
         evaluation.standard_methods(resnet, ["rise"], options={"risee": {}})
