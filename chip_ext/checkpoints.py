@@ -1,15 +1,18 @@
 """Checkpoint files of a distillation: the running sums and the loader position, written atomically,
 one file per process (or per rank under torch.distributed: `<path>.rank<r>of<world>.pos<images>` and
-`.complete`), and read back only when they were written by the same configuration and model."""
+`.complete`), and read back only when they were written by the same configuration and model; and
+`CheckpointedRun`, the checkpoint side of a distillation run (save, resume, when to save)."""
 from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from . import distributed, ops
 from .importance import atomic_save
 
 CHECKPOINT_FORMAT = "chip_ext.distill.checkpoint"
@@ -120,3 +123,75 @@ def read_checkpoint(path: Path, config: dict) -> dict:
             f"checkpoint {path} was written by a different configuration; differing (checkpoint, now): "
             f"{diff}. Use another checkpoint path or the same arguments and model.")
     return state
+
+
+class CheckpointedRun:
+    """The checkpoint side of a distillation run (`streaming.Run` inherits it): the state written to
+    disk, reading it back, choosing the resume point (all ranks together under torch.distributed) and
+    when to save. Uses the run's config, position, sums (`states`) and rank/world."""
+
+    def _state(self) -> dict:
+        return {
+            "config": self.config, "seen": self.seen,
+            "position": self.position, "complete": self.complete, "classes": self.classes,
+            "num_outputs": self.num_outputs, "world": self.world, "rank": self.rank,
+            "first_image": self.first_image, "max_images": self.max_images, "loader_images": self.loader_images,
+            "layers": {s.name: {"shape": s.shape, "sigma": s.sigma, "rows": s.rows,
+                                "acc": None if s.acc is None else [t.cpu() for t in s.acc]}
+                       for s in self.states},
+        }
+
+    def save(self, path) -> None:
+        write_checkpoint(self._state(), Path(path), self.rank, self.world)
+
+    def _load(self, path: Path) -> None:
+        state = read_checkpoint(path, self.config)
+        self.seen, self.complete = int(state["seen"]), bool(state["complete"])
+        self.position = int(state["position"])
+        self.resumed_at = self.position
+        self.first_image = state["first_image"]
+        self.recorded = {"max_images": state["max_images"], "loader_images": state["loader_images"]}
+        if not self.complete and self.max_images is not None and self.position > self.max_images:
+            raise ValueError(f"checkpoint {path} already holds {self.position} images, more than max_images="
+                             f"{self.max_images}; pass max_images >= {self.position} (or None), or another path")
+        self.classes, self.num_outputs = state["classes"], state["num_outputs"]
+        if self.classes is not None:
+            self._class_index = torch.tensor(self.classes, device=self.device)
+        for s in self.states:
+            saved = state["layers"][s.name]
+            s.shape, s.sigma = saved["shape"], saved["sigma"]
+            s.rows = tuple(saved["rows"]) if saved.get("rows") is not None else None
+            if saved["acc"] is not None:
+                s.acc = ops.Accumulators(*(t.to(self.device) for t in saved["acc"]))
+
+    def resume(self, path) -> bool:
+        path = Path(path)
+        found = list_rank_checkpoints(path)
+        problem = foreign_checkpoints(path, found, self.rank, self.world)
+        if self.world == 1:
+            if problem:
+                raise ValueError(problem)
+            if not path.exists():
+                return False
+            self._load(path)
+            return True
+        # every rank must take the same decision, and every rank must fail when one cannot go on
+        keys = found.get((self.rank, self.world), [])
+        gathered = distributed.all_gather_object((keys, problem))
+        distributed.raise_if_any([p for _, p in gathered])
+        choice = choose_resume_point([k for k, _ in gathered])
+        if choice is None:
+            return False
+        problem = None
+        try:
+            self._load(rank_checkpoint(path, self.rank, self.world, choice))
+        except ValueError as err:
+            problem = str(err)
+        distributed.raise_if_any(distributed.all_gather_object(problem))
+        return True
+
+    def _time_to_save(self, last_save: float, every: float) -> bool:
+        """Whether to save now; under torch.distributed all ranks decide together (a 1-int all-reduce),
+        so their files hold the same loader position."""
+        due = time.monotonic() - last_save >= every
+        return due if self.world == 1 else distributed.any_rank(due, self.comm_device)

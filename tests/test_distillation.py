@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import chip_ext
-from chip_ext.distillation import images_of, model_fingerprint
+from chip_ext.fingerprints import model_fingerprint
+from chip_ext.streaming import images_of
 from chip_ext.split import SplitError
 
 
@@ -363,9 +364,9 @@ def test_progress_bar_reports_rates(capsys):
 
 
 def test_accumulators_that_do_not_fit_fail_before_accumulating(monkeypatch):
-    import chip_ext.distillation as distill_module
+    import chip_ext.memory as memory_module
 
-    monkeypatch.setattr(distill_module, "_free_bytes", lambda device: 1_000)  # the sums need 3.6 KiB
+    monkeypatch.setattr(memory_module, "free_bytes", lambda device: 1_000)  # the sums need 3.6 KiB
     with pytest.raises(MemoryError, match=r"accumulators of layer 'relu2' need .* for C=5 classes and K=12 "
                                           r"channels .* but only .* is free on cpu\. Pass fewer classes="):
         chip_ext.distill(SmallCNN(), batches(1), "relu2", num_perturbations=3, progress=False)
@@ -589,10 +590,10 @@ def test_target_callable_of_the_wrong_shape():
 @pytest.mark.parametrize("B, N, copies, start", [(3, 5, 2, 0), (3, 5, 5, 1), (4, 3, 7, 1), (2, 4, 1, 3), (1, 1, 1, 1),
                                                  (5, 4, 9, 0)])
 def test_suffix_pieces_cover_every_copy_once(B, N, copies, start):
-    from chip_ext.distillation import _pieces
+    from chip_ext.memory import suffix_pieces
 
     seen = []
-    for i0, i1, n0, n1 in _pieces(B, N, copies, start):
+    for i0, i1, n0, n1 in suffix_pieces(B, N, copies, start):
         assert (i1 - i0) * (n1 - n0) <= copies and (i1 - i0 == 1 or (n0, n1) == (0, N))
         seen += [i * N + n for i in range(i0, i1) for n in range(n0, n1)]
     assert seen == list(range(start, B * N))
