@@ -2,7 +2,7 @@
 (even indices; issue 13's protocol): the solver options (λ, fit_intercept, positive) on one pass,
 the pass options (target, gate distribution, σ, N, images) one at a time, Refined CHIP over layer
 pairs, per-image CHIP (N, λ, score, intercept, a class-level prior) at blocks.6 and bn2, and per-image CHIP at
-blocks.3-blocks.5 (part image_mid). Every row is kept in the JSON;
+blocks.3-blocks.5 (part image_mid), and class-contrastive weights (part contrast). Every row is kept in the JSON;
 the choice is the row with the best calibration GT-known MaxBoxAcc (mean over the layers it covers).
 
     python benchmarks/quality_common.py base logit drop09 sigma2 n100 img300   # the passes first
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_common as q  # noqa: E402
 
-from chip_ext import image_chip  # noqa: E402
+from chip_ext import Importance, image_chip  # noqa: E402
 from chip_ext.localization import DEFAULT_THRESHOLDS, box_correct_both  # noqa: E402
 from chip_ext.maps import cached_split, inference_view, normalize_maps  # noqa: E402
 
@@ -118,7 +118,7 @@ def choose_image(rows: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="solver,passes,peers,image,choose,refined,image_mid")
+    p.add_argument("--parts", default="solver,passes,peers,image,choose,refined,image_mid,contrast")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--redo", action="store_true", help="measure rows that the JSON already has again")
     args = p.parse_args(argv)
@@ -233,6 +233,19 @@ def main(argv=None) -> int:
                     meta[key] = {"layer": layer, "N": 256, "lam_ratio": ratio, "score": "logit",
                                  "fit_intercept": True, "prior": "class-level W of the logit pass, lam 0.1"}
             run("image", fns, meta)
+
+    if "contrast" in parts:  # class-contrastive weights W_c - a·mean_c' W_c' (less of what every class uses)
+        best = {k: record["chosen_solver"][k] for k in ("lam_ratio", "fit_intercept", "positive")}
+        imp = q.solve(model, "base", **best)
+        fns, meta = {}, {}
+        for a in (0.5, 1.0):
+            W = {l: imp.weights[l] - a * imp.weights[l].mean(0, keepdim=True) for l in q.SWEEP_LAYERS}
+            sub = Importance(W, imp.classes, class_names=imp.class_names, meta={})
+            for layer in q.SWEEP_LAYERS:
+                key = f"contrast W - {a} mean(W) {best} @{layer}"
+                fns[key] = chip_fn(cache, sub, layer)
+                meta[key] = {"layer": layer, "minus_mean_fraction": a, **best}
+        run("contrast", fns, meta)
 
     if "image_mid" in parts:  # per-image CHIP at the intermediate layers (goal (a))
         grid = {"blocks.3": ((128, 0.01), (256, 0.01)), "blocks.4": ((128, 0.01),), "blocks.5": ((128, 0.01),)}

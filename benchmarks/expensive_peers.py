@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     record = {"benchmark": "expensive_peers", "date": dt.date.today().isoformat(),
               "machine": f"CPU (2-core AMD EPYC), {torch.get_num_threads()} threads", "model": q.MODEL,
               "layer": args.layer, "images": f"the first {len(ds)} of the evaluation half (odd indices)",
-              "rise_masks": args.rise_masks, "chip": json.loads(args.chip), "results": {}}
+              "rise_masks": args.rise_masks if "rise" in names else None, "chip": json.loads(args.chip), "results": {}}
     for n in fns:
         c = np.concatenate(correct[n])
         record["results"][n] = {"max_box_acc": float(c.mean(0).max()), "seconds": seconds[n]}
