@@ -213,7 +213,7 @@ def center(images: Tensor, target: Target = None, *, sigma: float = 0.25) -> Ten
     Localization Methods Right", CVPR 2020); MaxBoxAcc does not depend on sigma, since every sigma
     gives the same family of boxes. `target` is accepted and ignored (one signature for all methods)."""
     check_images(images)
-    if not (isinstance(sigma, (int, float)) and sigma > 0):
+    if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and sigma > 0):
         raise ValueError(f"sigma must be > 0 (a fraction of the image width); got {sigma!r}")
     B, _, H, W = images.shape
     y = torch.arange(H, dtype=torch.float32, device=images.device) - (H - 1) / 2

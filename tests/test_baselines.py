@@ -344,7 +344,7 @@ def test_center_baseline_boxes_a_centred_object_and_misses_a_corner_one():
     assert acc == 0.0
 
 
-@pytest.mark.parametrize("sigma", [0, -1.0, "wide"])
+@pytest.mark.parametrize("sigma", [0, -1.0, "wide", True])
 def test_center_baseline_bad_sigma(sigma):
     from chip_ext.baselines import center
 
