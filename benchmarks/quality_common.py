@@ -43,7 +43,27 @@ PASSES: dict[str, dict] = {
     "sigma2": {"layers": LAST_LAYERS, "per_class": 100, "num_perturbations": 32, "sigma_scale": 2.0},
     "n100": {"layers": LAST_LAYERS, "per_class": 100, "num_perturbations": 100},
     "img300": {"layers": LAST_LAYERS, "per_class": 300, "num_perturbations": 32},
+    # Bernoulli gates: every channel off independently with p = 0.25 (the mean drop fraction of U(0, 0.5));
+    # a measurement only: the library's sampler is swapped for this pass (`bernoulli_gates`)
+    "bern25": {"layers": VARIANT_LAYERS, "per_class": 100, "num_perturbations": 32, "bernoulli_p": 0.25},
 }
+
+
+def bernoulli_gates(p: float):
+    """A stand-in for `gates.sample_gates` with independent Bernoulli gates (off with probability p),
+    keyed like the library's by (seed, layer, global image index); row 0 all ones."""
+    from chip_ext.gates import image_seed
+
+    def sample(indices, num_perturbations, K, *, seed=0, layer="", max_drop=0.5, device=None):
+        rows = []
+        for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices):
+            gen = torch.Generator().manual_seed(image_seed(seed, layer, int(i)))
+            g = torch.rand(num_perturbations, K, generator=gen) >= p
+            g[0] = True
+            rows.append(g)
+        out = torch.stack(rows) if rows else torch.ones(0, num_perturbations, K, dtype=torch.bool)
+        return out.to(device) if device is not None else out
+    return sample
 
 
 def load_model():
@@ -70,6 +90,7 @@ def val_half(pre, which: str):
 def _distill_kwargs(model, tag: str) -> tuple[dict, data.ImageNetTrain | None]:
     spec = dict(PASSES[tag])
     per_class = spec.pop("per_class")
+    spec.pop("bernoulli_p", None)  # not a distill argument (see distill_pass)
     scale = spec.pop("sigma_scale", None)
     if scale is not None:  # σ = scale * √(K/4) per layer
         from chip_ext.gates import default_sigma
@@ -93,8 +114,17 @@ def distill_pass(tag: str, *, progress: bool = True) -> Path:
     WORK.mkdir(parents=True, exist_ok=True)
     ck = WORK / f"{tag}.ckpt"
     t0 = time.perf_counter()
-    imp = chip_ext.distill(model, DataLoader(ds, batch_size=16, num_workers=1), classes=ds.classes,
-                           checkpoint=ck, class_names=models.class_names_for(MODEL), progress=progress, **spec)
+    p = PASSES[tag].get("bernoulli_p")
+    import chip_ext.streaming as streaming
+
+    library_sampler = streaming.sample_gates
+    if p is not None:
+        streaming.sample_gates = bernoulli_gates(p)
+    try:
+        imp = chip_ext.distill(model, DataLoader(ds, batch_size=16, num_workers=1), classes=ds.classes,
+                               checkpoint=ck, class_names=models.class_names_for(MODEL), progress=progress, **spec)
+    finally:
+        streaming.sample_gates = library_sampler
     info = {"tag": tag, "spec": PASSES[tag], "images": imp.meta["images_seen"],
             "seconds_this_call": time.perf_counter() - t0, "timing_s": imp.meta.get("timing_s")}
     (WORK / f"{tag}.json").write_text(json.dumps(info, indent=2, default=str))
