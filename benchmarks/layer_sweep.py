@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_common as q  # noqa: E402
 
 from chip_ext import Importance, evaluation  # noqa: E402
+from chip_ext.distillation import DEFAULT_LAM_RATIO  # noqa: E402
 
 PEERS = ["gradcam", "gradcam_pytorch_grad_cam", "gradcam++", "layercam", "xgradcam", "hirescam", "eigencam"]
 
@@ -115,8 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-chip-layers", default=None, help="layers for image_chip (default: all)")
     p.add_argument("--faithful-layers", default=None, help="layers with deletion/insertion (default: all)")
     p.add_argument("--deletion-step", type=int, default=224 * 14, help="pixels a step (16 steps at 224x224)")
-    p.add_argument("--lam-ratio", type=float, default=0.1)
-    p.add_argument("--fit-intercept", action="store_true")
+    p.add_argument("--lam-ratio", type=float, default=DEFAULT_LAM_RATIO, help="default: distill's")
+    p.add_argument("--fit-intercept", action=argparse.BooleanOptionalAction, default=True, help="default: distill's")
     p.add_argument("--positive", action="store_true")
     p.add_argument("--image-chip", default="{}", help="JSON options of image_chip")
     p.add_argument("--out", type=Path, default=q.RESULTS / "layer_sweep.json")

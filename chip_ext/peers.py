@@ -62,7 +62,6 @@ class GradientCache:
         return self.value
 
 
-
 def cam_method(model: nn.Module, name: str, layer: str, *, batch_size: int = 64,
                shared: "bool | GradientCache" = False) -> MapFn:
     """A map function (images [B, 3, H, W], targets [B]) -> maps [B, H, W] in [0, 1] for the
@@ -70,8 +69,9 @@ def cam_method(model: nn.Module, name: str, layer: str, *, batch_size: int = 64,
     batch_size: how many masked or ablated copies Score-CAM and Ablation-CAM run at once.
     shared: True or a GradientCache: for the methods in FROM_GRADIENTS, compute the activations and
     gradients once per batch (the model's prefix forward, then a backward through the suffix only;
-    every peer given the same GradientCache at that layer reuses them) and apply the library's own get_cam_image to them: the same maps (checked to
-    1e-5 in tests/test_peers.py) at a fraction of the cost of one full forward and backward each."""
+    every peer given the same GradientCache at that layer reuses them) and apply the library's own
+    get_cam_image to them: the same maps (checked to 1e-5 in tests/test_peers.py) at a fraction of
+    the cost of one full forward and backward each."""
     if name not in CAM_CLASSES:
         raise ValueError(f"unknown pytorch-grad-cam method {name!r}; choose from {sorted(CAM_CLASSES)}")
     if not isinstance(layer, str):
