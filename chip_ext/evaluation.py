@@ -85,8 +85,10 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
              normalize: Callable[[Tensor], Tensor], *, batch_size: int = 25,
              thresholds=DEFAULT_THRESHOLDS, progress: bool = True, faithfulness_metrics=(),
              faithfulness_images: str = "evaluation", deletion_step: int = 224,
-             road_percentiles=(20, 40, 60, 80)) -> dict:
-    """-> {"n": N, "classification": {...}, "methods": {name: metrics}} (see module docstring).
+             road_percentiles=(20, 40, 60, 80), keep_hits: bool = False) -> dict:
+    """-> {"n": N, "classification": {...}, "methods": {name: metrics}} (see module docstring);
+    each method's "evaluation_hits_at_calibrated_threshold" lists 0/1 per evaluation image; with
+    keep_hits, "hits" is every image's 0/1 at every threshold (list [N][T], IoU >= .5, largest region).
 
     faithfulness_metrics: any of "deletion", "insertion" (the RISE protocol, `deletion_step` pixels a
     step) and "road" (pytorch-grad-cam's ROADCombined at `road_percentiles`), each the mean over
@@ -161,7 +163,12 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
             "max_box_acc_v2_all_images": {f"iou{d}": float(v2[:, :, k].mean(0).max())
                                           for k, d in enumerate((30, 50, 70))},
             "max_box_acc_v2_evaluation": float(np.mean([v2[evals, :, k].mean(0).max() for k in range(3)])),
+            # per evaluation image (odd indices, in order): box right (IoU >= .5) at the calibrated
+            # threshold, so that subsets (small objects, ...) can be scored without running again
+            "evaluation_hits_at_calibrated_threshold": c[evals, t_cal].astype(int).tolist(),
         }
+        if keep_hits:
+            result["methods"][name]["hits"] = c.astype(int).tolist()
         r = result["methods"][name]["max_box_acc_v2_all_images"]
         r["mean"] = float(np.mean(list(r.values())))
         if faithfulness_metrics:

@@ -150,6 +150,10 @@ def test_evaluate_known_answers():
     assert m["max_box_acc_calibration"] == 0.6 and m["max_box_acc_evaluation"] == 0.8
     # at 0.5 on the evaluation images (1, 3, 5, 7, 9) only 5 is right; at 0.1: 1, 3, 5, 7
     cal, best = m["at_calibrated_threshold"], m["at_best_threshold"]
+    assert m["evaluation_hits_at_calibrated_threshold"] == [0, 0, 1, 0, 0] and "hits" not in m
+    kept = evaluate(Model(), Data(), {"m": fn}, lambda x: x, batch_size=4, thresholds=np.array([0.1, 0.5]),
+                    progress=False, keep_hits=True)["methods"]["m"]["hits"]
+    assert kept == v1.astype(int).tolist()
     approx = __import__("pytest").approx
     assert cal["gt_known_loc"] == approx(0.2) and best["gt_known_loc"] == approx(0.8)
     assert cal["top1_loc_error"] == approx(0.8) and cal["top5_loc_error"] == approx(0.8)
