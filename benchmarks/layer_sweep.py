@@ -5,7 +5,8 @@ EfficientNet-Lite0, every layer from blocks.2 to bn2; CHIP from the "base" stati
 the calibration half (`chip_variants.py`), per-image CHIP, our Grad-CAM and pytorch-grad-cam 1.5.7's
 own classes, on the 250 Imagenette val images: thresholds chosen on the calibration half (even
 indices), everything reported on the evaluation half (odd indices). Faithfulness (deletion and
-insertion AUC, RISE protocol) on the evaluation half for the methods in --faithful.
+insertion AUC, RISE protocol; ROAD with --faithful-metrics) on the evaluation half for the methods in
+--faithful.
 
     python benchmarks/layer_sweep.py            # writes results/layer_sweep.json and .png
 """
@@ -103,6 +104,13 @@ def markdown(record: dict) -> str:
                 r = record["results"].get(l, {}).get(m, {})
                 cells.append(f"{r['deletion']:.3f} / {r['insertion']:.3f}" if "deletion" in r else "")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    road = [m for m in methods if any("road" in record["results"].get(l, {}).get(m, {}) for l in layers)]
+    if road:
+        lines += ["", "| ROAD ↑ | " + " | ".join(f"`{l}`" for l in layers) + " |", "|---" * (len(layers) + 1) + "|"]
+        for m in road:
+            lines.append(f"| {m} | " + " | ".join(f"{record['results'].get(l, {}).get(m, {})['road']:.3f}"
+                                                   if "road" in record["results"].get(l, {}).get(m, {}) else ""
+                                                   for l in layers) + " |")
     return "\n".join(lines)
 
 
@@ -115,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--progress", action="store_true")
     p.add_argument("--image-chip-layers", default=None, help="layers for image_chip (default: all)")
     p.add_argument("--faithful-layers", default=None, help="layers with deletion/insertion (default: all)")
+    p.add_argument("--faithful-metrics", default="deletion,insertion",
+                   help="any of deletion, insertion, road (pytorch-grad-cam's ROADCombined)")
     p.add_argument("--deletion-step", type=int, default=224 * 14, help="pixels a step (16 steps at 224x224)")
     p.add_argument("--lam-ratio", type=float, default=DEFAULT_LAM_RATIO, help="default: distill's")
     p.add_argument("--fit-intercept", action=argparse.BooleanOptionalAction, default=True, help="default: distill's")
@@ -178,6 +188,7 @@ def main(argv=None) -> int:
     if "refined" in methods:
         raise SystemExit("--methods: Refined CHIP is drawn at bn2 from --refined, not listed here")
     faithful = [m for m in args.faithful.split(",") if m]
+    metrics = [m for m in args.faithful_metrics.split(",") if m]
     chip_opts = {"lam_ratio": args.lam_ratio, "fit_intercept": args.fit_intercept, "positive": args.positive}
     image_opts = json.loads(args.image_chip)
     imp = q.solve(model, "base", **chip_opts)
@@ -214,9 +225,9 @@ def main(argv=None) -> int:
         if any(k in faithful_here for k in fns):
             results.append(evaluation.evaluate(model, val, {k: v for k, v in fns.items() if k in faithful_here},
                                                pre.normalize, progress=args.progress,
-                                               faithfulness_metrics=("deletion", "insertion"),
+                                               faithfulness_metrics=tuple(metrics),
                                                deletion_step=args.deletion_step))
-        if len(results) > 1:
+        if len(results) > 1 and "deletion" in metrics:
             steps[layer] = args.deletion_step
         out = {}
         for res in results:
@@ -226,11 +237,11 @@ def main(argv=None) -> int:
                        "max_box_acc_v2_evaluation": r["max_box_acc_v2_evaluation"],
                        "top1_loc_error": a["top1_loc_error"], "gt_known_at_calibrated_threshold": a["gt_known_loc"],
                        "calibrated_threshold": r["calibrated_threshold"]}
-                if "faithfulness" in r:
-                    row["deletion"] = r["faithfulness"]["deletion"]["mean"]
-                    row["insertion"] = r["faithfulness"]["insertion"]["mean"]
+                for metric, f in r.get("faithfulness", {}).items():
+                    row[metric] = f["mean"]
+                    row["n_faithfulness"] = f["n"]
+                if "deletion" in row and "insertion" in row:
                     row["insertion_minus_deletion"] = row["insertion"] - row["deletion"]
-                    row["n_faithfulness"] = r["faithfulness"]["deletion"]["n"]
                 out[name] = row
         record["results"][layer] = out
         record["n_evaluation"] = loc["n_evaluation"]
@@ -238,7 +249,7 @@ def main(argv=None) -> int:
         record.setdefault("seconds", {})[layer] = time.perf_counter() - t0
         print(f"== {layer} ({record['seconds'][layer]:.0f} s)", flush=True)
         for name, r in out.items():
-            extra = f" del {r['deletion']:.3f} ins {r['insertion']:.3f}" if "deletion" in r else ""
+            extra = "".join(f" {k} {r[k]:.3f}" for k in ("deletion", "insertion", "road") if k in r)
             print(f"  {name:<26} MaxBoxAcc {r['max_box_acc_evaluation']:.3f} V2 {r['max_box_acc_v2_evaluation']:.3f} "
                   f"top1-loc-err {r['top1_loc_error']:.3f}{extra}", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
