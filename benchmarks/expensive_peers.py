@@ -3,9 +3,8 @@ mask (RISE), against CHIP and Grad-CAM on the SAME images: the first --images im
 evaluation half (odd indices) of the Imagenette val set, at one layer. GT-known MaxBoxAcc at each
 method's best threshold on those images (no calibration split: too few images to halve), and the
 seconds each method took. With --faithful, also deletion and insertion AUC (the RISE protocol, the
-step of layer_sweep.py) for those methods. Per-image results (box hit at the best threshold, AUCs,
-the GT box's area fraction) are kept in the JSON, so subsets (small or off-centre objects) can be
-read off later without running again.
+step of layer_sweep.py) for those methods. Per-image results (box hit at the best threshold, AUCs)
+are kept in the JSON, so subsets (hard_subsets.py) can be read off later without running again.
 
     python benchmarks/expensive_peers.py --layer blocks.5 --images 40 --rise-masks 1000
 
@@ -31,12 +30,6 @@ import quality_common as q  # noqa: E402
 from chip_ext import evaluation, faithfulness  # noqa: E402
 from chip_ext.data import collate_localization  # noqa: E402
 from chip_ext.localization import DEFAULT_THRESHOLDS, box_correct_both  # noqa: E402
-
-
-def gt_area_fraction(boxes, size) -> float:
-    """Area of the largest ground-truth box as a fraction of the image: boxes Tensor[M, 4] (x0, y0, x1, y1)."""
-    b = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-    return float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).max() / (size[0] * size[1]))
 
 
 def main(argv=None) -> int:
@@ -70,13 +63,11 @@ def main(argv=None) -> int:
     correct = {n: [] for n in fns}
     seconds = {n: 0.0 for n in fns}
     auc = {n: {"deletion": [], "insertion": []} for n in faithful}
-    area = []
     for i, (x01, labels, boxes) in enumerate(DataLoader(ds, batch_size=4, collate_fn=collate_localization)):
         print(f"batch {i + 1} of {-(-len(ds) // 4)}", flush=True)
         x = pre.normalize(x01)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        area.extend(gt_area_fraction(b, x.shape[-2:]) for b in boxes)
         for n, fn in fns.items():
             t0 = time.perf_counter()
             maps = fn(x, labels).detach().float().clamp(0, 1)
@@ -90,7 +81,7 @@ def main(argv=None) -> int:
               "layer": args.layer, "images": f"the first {len(ds)} of the evaluation half (odd indices)",
               "rise_masks": args.rise_masks if "rise" in names else None, "chip": json.loads(args.chip),
               "channels_last": args.channels_last, "deletion_step_pixels": args.deletion_step if faithful else None,
-              "gt_area_fraction": area, "results": {}}
+              "results": {}}
     for n in fns:
         c = np.concatenate(correct[n])
         best = int(c.mean(0).argmax())
