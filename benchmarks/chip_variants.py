@@ -2,7 +2,8 @@
 (even indices; issue 13's protocol): the solver options (λ, fit_intercept, positive) on one pass,
 the pass options (target, gate distribution, σ, N, images) one at a time, Refined CHIP over layer
 pairs, per-image CHIP (N, λ, score, intercept, a class-level prior) at blocks.6 and bn2, and per-image CHIP at
-blocks.3-blocks.5 (part image_mid), and class-contrastive weights (part contrast). Every row is kept in the JSON;
+blocks.3-blocks.5 (part image_mid), class-contrastive weights (part contrast) and weights per unit of activation
+(part scale). Every row is kept in the JSON;
 the choice is the row with the best calibration GT-known MaxBoxAcc (mean over the layers it covers).
 
     python benchmarks/quality_common.py base logit drop09 sigma2 n100 img300   # the passes first
@@ -97,6 +98,55 @@ class Cached:
         return self.score([fn(x, t) for x, t in zip(self.x, self.labels)])
 
 
+def train_activation_stats(model, pre, layers, per_class: int) -> dict:
+    """Per layer: mean |A_k| over `per_class` shared train images a class (the distillation's first
+    images), all classes together (Tensor[K]) and per class ({label: Tensor[K]})."""
+    from torch.utils.data import DataLoader
+
+    from chip_ext import data
+
+    ds = data.ImageNetTrain(q.DATA / "imagenette" / "train", pre, per_class=per_class)
+    sums = {l: {} for l in layers}
+    counts: dict = {}
+    for x, y in DataLoader(ds, batch_size=25):
+        for layer in layers:
+            prefix, _ = cached_split(inference_view(model), layer)
+            with torch.no_grad():
+                a = prefix(x).abs().mean(dim=(2, 3))  # [B, K]
+            for c in y.unique().tolist():
+                sums[layer][c] = sums[layer].get(c, 0) + a[y == c].sum(0)
+        for c in y.tolist():
+            counts[c] = counts.get(c, 0) + 1
+    out = {}
+    for layer in layers:
+        per = {c: sums[layer][c] / counts[c] for c in counts}
+        out[layer] = {"all": torch.stack(list(per.values())).mean(0), "class": per}
+    return out
+
+
+def scale_maps_fn(cache, imp, layer, how, stats):
+    """ReLU(sum_k W_ck A_k / s_k): W_ck is the score a channel's whole presence is worth, about
+    (gradient x activation) summed over its map, so sum_k W_ck A_k counts the activation twice; dividing by
+    a scale of the channel's activation gives a weight per unit of activation, as Grad-CAM's alpha is.
+    s = the train images' mean |A_k| ("mean_abs"), that of class c's train images ("class_mean_abs"), or
+    this image's own mean |A_k| ("image_abs"); 1% of the mean scale is added against dead channels."""
+    def fn():
+        out = []
+        for A, t in zip(cache.activations(layer), cache.labels):
+            W = torch.stack([imp.weights[layer][imp.row(int(c))] for c in t]).float()
+            if how == "mean_abs":
+                s = stats["all"][None].expand_as(W)
+            elif how == "class_mean_abs":
+                s = torch.stack([stats["class"][int(c)] for c in t])
+            else:
+                s = A.abs().mean(dim=(2, 3))
+            s = s + 0.01 * s.mean(dim=1, keepdim=True)
+            maps = torch.relu(torch.einsum("bk,bkhw->bhw", W / s, A.float()))
+            out.append(normalize_maps(maps, cache.x[0].shape[-2:]))
+        return cache.score(out)
+    return fn
+
+
 def choose_solver(rows: dict) -> dict:
     """The solver options with the best mean calibration MaxBoxAcc over the sweep layers."""
     by: dict = {}
@@ -118,7 +168,7 @@ def choose_image(rows: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="solver,passes,peers,image,choose,refined,image_mid,contrast")
+    p.add_argument("--parts", default="solver,passes,peers,image,choose,refined,image_mid,contrast,scale")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--redo", action="store_true", help="measure rows that the JSON already has again")
     args = p.parse_args(argv)
@@ -246,6 +296,18 @@ def main(argv=None) -> int:
                 fns[key] = chip_fn(cache, sub, layer)
                 meta[key] = {"layer": layer, "minus_mean_fraction": a, **best}
         run("contrast", fns, meta)
+
+    if "scale" in parts:  # W_ck per unit of activation: ReLU(sum_k W_ck A_k / s_k) (see scale_maps_fn)
+        best = {k: record["chosen_solver"][k] for k in ("lam_ratio", "fit_intercept", "positive")}
+        imp = q.solve(model, "base", **best)
+        stats = train_activation_stats(model, pre, q.SWEEP_LAYERS, per_class=20)
+        fns, meta = {}, {}
+        for layer in q.SWEEP_LAYERS:
+            for how in ("mean_abs", "class_mean_abs", "image_abs"):
+                key = f"scale W/s s={how} {best} @{layer}"
+                fns[key] = scale_maps_fn(cache, imp, layer, how, stats[layer])
+                meta[key] = {"layer": layer, "scale": how, "train_images_per_class": 20, **best}
+        run("scale", fns, meta)
 
     if "image_mid" in parts:  # per-image CHIP at the intermediate layers (goal (a))
         grid = {"blocks.3": ((128, 0.01), (256, 0.01)), "blocks.4": ((128, 0.01),), "blocks.5": ((128, 0.01),)}

@@ -30,8 +30,9 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPLAIN_METHODS = ("chip", "refined", "guided_chip", "gradcam", "cam", "guided_backprop", "guided_gradcam")
-METHOD_TITLES = {"chip": "CHIP", "refined": "Refined CHIP", "guided_chip": "Guided CHIP", "gradcam": "Grad-CAM",
+EXPLAIN_METHODS = ("chip", "refined", "guided_chip", "image_chip", "gradcam", "cam", "guided_backprop", "guided_gradcam")
+METHOD_TITLES = {"chip": "CHIP", "refined": "Refined CHIP", "guided_chip": "Guided CHIP",
+                 "image_chip": "Per-image CHIP", "gradcam": "Grad-CAM",
                  "cam": "CAM", "guided_backprop": "Guided BP", "guided_gradcam": "Guided Grad-CAM"}
 
 
@@ -86,7 +87,7 @@ def _explain(args: argparse.Namespace) -> int:
     t = torch.tensor(targets)
     columns = {}
     for m in methods:
-        if m in ("chip", "refined", "guided_chip"):
+        if m in ("chip", "refined", "guided_chip", "image_chip"):
             columns[m] = explain(model, x, imp, method=m, target=t, layer=layer if m != "refined" else None)
         elif m == "guided_backprop":
             columns[m] = baselines.guided_backprop(model, x, t)

@@ -1,4 +1,5 @@
-"""CHIP explanations (DESIGN §1): CHIP, Refined CHIP and Guided CHIP maps from an `Importance`."""
+"""CHIP explanations (DESIGN §1): CHIP, Refined CHIP, Guided CHIP and per-image CHIP maps from an
+`Importance`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,10 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from .baselines import guided_backprop
+from .image_chip import image_chip_weights
 from .importance import Importance
 from .maps import _class_indices, cached_split, check_images, inference_view, normalize_maps, resolve_target
 
-METHODS = ("chip", "refined", "guided_chip")
+METHODS = ("chip", "refined", "guided_chip", "image_chip")
+# keyword options of method="image_chip" (those of chip_ext.image_chip.image_chip_weights, and shrink)
+IMAGE_CHIP_OPTIONS = ("num_perturbations", "lam_ratio", "score", "max_drop", "sigma", "fit_intercept",
+                      "positive", "seed", "batch_size", "shrink")
 TargetArg = int | str | Sequence[int] | Sequence[str] | Tensor | None
 
 
@@ -68,23 +73,73 @@ def chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: s
     return normalize_maps(maps, images.shape[-2:]), t
 
 
+def image_chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: str,
+                    target: TargetArg = None, *, shrink: bool = False, **options) -> Tensor:
+    """Per-image CHIP maps (`chip_ext.image_chip`) at `layer` -> Tensor[B, H, W] in [0, 1].
+
+    The Lasso is fitted on each image's own perturbations, so any output class can be explained (target
+    None: each image's top-1 prediction, distilled or not). shrink=True: penalise |w - W_c|_1 with W_c
+    the importance's class-level weights (the image's evidence moves them only where it is strong); the
+    class must then be distilled, and the per-image score must be the one the importance was distilled
+    on (`score` defaults to it)."""
+    check_images(images)
+    if layer not in importance.weights:
+        raise ValueError(f"layer {layer!r} is not in the importance (layers: {importance.layers})")
+    if not isinstance(shrink, bool):
+        raise TypeError(f"shrink must be True or False; got {shrink!r}")
+    t = None if target is None else _given_targets(target, importance, images.shape[0], images.device)
+    if not shrink:
+        W, A, _ = image_chip_weights(model, images, layer, t, **options)
+    else:
+        distilled_on = importance.meta.get("target")
+        score = options.setdefault("score", distilled_on if distilled_on in ("prob", "logit") else "logit")
+        if distilled_on is not None and distilled_on != score:
+            raise ValueError(f"shrink=True needs the per-image score to be the importance's target "
+                             f"({distilled_on!r}: the weights are in its units); got score={score!r}")
+        if t is None:
+            prefix, suffix = cached_split(inference_view(model), layer)
+            with torch.no_grad():
+                t = resolve_target(None, suffix(prefix(images)))
+        try:
+            rows = [importance.row(int(c)) for c in t.tolist()]
+        except KeyError as err:
+            raise ValueError(f"{err.args[0]}; shrink=True needs the target among the distilled classes "
+                             f"{importance.classes[:20]}{'...' if len(importance.classes) > 20 else ''}") from None
+        prior = importance.weights[layer][rows].to(device=images.device, dtype=torch.float64)
+        W, A, _ = image_chip_weights(model, images, layer, t, prior=prior, **options)
+    maps = torch.relu(torch.einsum("bk,bkhw->bhw", W.float(), A.float()))
+    return normalize_maps(maps, images.shape[-2:])
+
+
 def explain(model: nn.Module, images: Tensor, importance: Importance, *, method: str = "chip",
-            layer: str | None = None, target: TargetArg = None) -> Tensor:
+            layer: str | None = None, target: TargetArg = None, **options) -> Tensor:
     """Class-discriminative explanation maps from distilled CHIP importances.
 
     images: Tensor[B, 3, H, W] (preprocessed as the model expects). importance: from chip_ext.distill.
     method: "chip" (one layer: `layer`, default the importance's last layer in forward order),
         "refined" (the product of the CHIP maps of the importance's first and last layers, min-max
         normalised again),
-        "guided_chip" (guided backprop x the CHIP map; returns Tensor[B, 3, H, W]).
+        "guided_chip" (guided backprop x the CHIP map; returns Tensor[B, 3, H, W]),
+        "image_chip" (per-image CHIP at `layer`: the CHIP Lasso fitted on each image's own N perturbations,
+        beyond the paper; only the model's suffix runs, N times an image; see `image_chip_maps`).
     target: None (each image's top-1 prediction), a class index, a class name, or one per image.
+    options: method="image_chip" only: num_perturbations (128), lam_ratio (0.01), score ("logit"),
+        max_drop, sigma, fit_intercept (True), positive, seed, batch_size, shrink (False: see
+        `image_chip_maps`).
     Returns Tensor[B, H, W] in [0, 1] at the input resolution, on the images' device.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if not isinstance(importance, Importance):
         raise TypeError(f"importance must be a chip_ext.Importance; got {type(importance).__name__}")
+    if options and method != "image_chip":
+        raise TypeError(f"options {sorted(options)} are for method='image_chip' only; method={method!r} takes none")
+    unknown = sorted(set(options) - set(IMAGE_CHIP_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for method='image_chip'; choose from {IMAGE_CHIP_OPTIONS}")
     layers = forward_order(model, importance.layers)
+    if method == "image_chip":
+        return image_chip_maps(model, images, importance, layer or layers[-1], target, **options)
     if method == "refined":
         if layer is not None:
             raise ValueError("method='refined' uses the importance's first and last layers; do not pass layer=")

@@ -184,3 +184,55 @@ def test_bad_images_and_targets(model, importance):
         chip_ext.explain(model, images(), importance, target=7.0)
     with pytest.raises(TypeError, match=r"target must be integer class indices"):
         bl.gradcam(model, images(), "layer4", target=torch.tensor([1.5, 2.0]))
+
+
+def test_image_chip_method_equals_the_function(model, importance):
+    """method="image_chip" is chip_ext.image_chip's map: the same Lasso, the options passed through."""
+    from chip_ext.image_chip import image_chip
+
+    x = images()
+    got = chip_ext.explain(model, x, importance, method="image_chip", layer="layer4", target=[3, 7],
+                           num_perturbations=16, lam_ratio=0.05)
+    want = image_chip(model, x, "layer4", [3, 7], num_perturbations=16, lam_ratio=0.05)
+    assert got.shape == (2, 64, 64)
+    assert torch.equal(got, want)
+    # a class name resolves through the importance; any output class works without shrink
+    by_name = chip_ext.explain(model, x, importance, method="image_chip", layer="layer4", target="seven",
+                               num_perturbations=16, lam_ratio=0.05)
+    assert torch.equal(by_name[1], want[1])
+    other = chip_ext.explain(model, x, importance, method="image_chip", layer="layer4", target=500,
+                             num_perturbations=16)
+    assert torch.equal(other, image_chip(model, x, "layer4", 500, num_perturbations=16))
+
+
+def test_image_chip_shrink_uses_the_class_weights_as_prior(model):
+    """shrink=True is image_chip with prior = the importance's W rows of the targets, in its score units."""
+    from chip_ext.image_chip import image_chip
+
+    g = torch.Generator().manual_seed(5)
+    imp = Importance({"layer4": torch.randn(2, 512, generator=g) * 1e-2}, [3, 7], meta={"target": "prob"})
+    x = images()
+    got = chip_ext.explain(model, x, imp, method="image_chip", layer="layer4", target=[7, 3], shrink=True,
+                           num_perturbations=16)
+    prior = imp.weights["layer4"][[1, 0]].double()
+    want = image_chip(model, x, "layer4", [7, 3], num_perturbations=16, score="prob", prior=prior)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, image_chip(model, x, "layer4", [7, 3], num_perturbations=16, score="prob"))
+    with pytest.raises(ValueError, match=r"shrink=True needs the per-image score to be the importance's target "
+                                         r"\('prob'"):
+        chip_ext.explain(model, x, imp, method="image_chip", layer="layer4", target=3, shrink=True, score="logit")
+    with pytest.raises(ValueError, match=r"shrink=True needs the target among the distilled classes \[3, 7\]"):
+        chip_ext.explain(model, x, imp, method="image_chip", layer="layer4", target=500, shrink=True)
+
+
+def test_image_chip_options_are_checked(model, importance):
+    with pytest.raises(TypeError, match=r"options \['num_perturbations'\] are for method='image_chip' only"):
+        chip_ext.explain(model, images(), importance, target=3, num_perturbations=8)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['lam'\] for method='image_chip'"):
+        chip_ext.explain(model, images(), importance, method="image_chip", target=3, lam=0.1)
+    with pytest.raises(TypeError, match="shrink must be True or False; got 'yes'"):
+        chip_ext.explain(model, images(), importance, method="image_chip", target=3, shrink="yes")
+    with pytest.raises(ValueError, match="num_perturbations must be an int >= 2; got 1"):
+        chip_ext.explain(model, images(), importance, method="image_chip", target=3, num_perturbations=1)
+    with pytest.raises(ValueError, match="layer 'layer2' is not in the importance"):
+        chip_ext.explain(model, images(), importance, method="image_chip", layer="layer2", target=3)
