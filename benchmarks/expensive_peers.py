@@ -29,6 +29,7 @@ import quality_common as q  # noqa: E402
 
 from chip_ext import evaluation, faithfulness  # noqa: E402
 from chip_ext.data import collate_localization  # noqa: E402
+from chip_ext.distillation import DEFAULT_LAM_RATIO  # noqa: E402
 from chip_ext.localization import DEFAULT_THRESHOLDS, box_correct_both  # noqa: E402
 
 
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=40)
     p.add_argument("--rise-masks", type=int, default=1000)
     p.add_argument("--methods", default="chip,gradcam,scorecam,ablationcam,rise")
-    p.add_argument("--chip", default='{"lam_ratio": 0.03, "fit_intercept": true}', help="solver options (JSON)")
+    p.add_argument("--chip", default=json.dumps({"lam_ratio": DEFAULT_LAM_RATIO, "fit_intercept": True}),
+                   help="solver options (JSON; default: distill's)")
     p.add_argument("--out", type=Path, default=q.RESULTS / "expensive_peers.json")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--faithful", default="", help="methods with deletion/insertion AUC")

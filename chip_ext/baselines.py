@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .maps import Target, cached_split, check_images, inference_view, normalize_maps, resolve_target, upsample
+from .maps import (Target, cached_split, check_images, inference_view, layer_activations, normalize_maps,
+                   resolve_target, upsample)
 
 # autograd nodes of ReLU-type ops (relu, relu_, F.relu(inplace=True), relu6/ReLU6 = hardtanh(0, 6))
 GUIDED_NODES = ("ReluBackward0", "ReluBackward1", "HardtanhBackward0", "HardtanhBackward1",
@@ -32,11 +33,10 @@ def gradcam_raw(model: nn.Module, images: Tensor, layer: str, target: Target = N
     """ReLU(sum_k mean_hw(dy_c/dA_k) A_k) at the layer's resolution -> (maps [B, h, w], target [B],
     logits [B, C])."""
     check_images(images)
-    prefix, suffix = cached_split(inference_view(model), layer)
+    view = inference_view(model)
+    _, suffix = cached_split(view, layer)
     with torch.enable_grad():
-        with torch.no_grad():
-            A = prefix(images)
-        A = A.detach().requires_grad_(True)
+        A = layer_activations(view, images, layer).detach().requires_grad_(True)
         logits = suffix(A.clone())  # clone: an in-place op at the start of the suffix keeps A intact
         t = resolve_target(target, logits)
         (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), A)
@@ -91,9 +91,10 @@ def cam(model: nn.Module, images: Tensor, layer: str, target: Target = None) -> 
     -> Tensor[B, H, W] in [0, 1]."""
     check_images(images)
     W, _ = cam_weights(model, layer)
-    prefix, suffix = cached_split(inference_view(model), layer)
+    view = inference_view(model)
+    _, suffix = cached_split(view, layer)
+    A = layer_activations(view, images, layer)
     with torch.no_grad():
-        A = prefix(images)
         logits = suffix(A.clone())
         t = resolve_target(target, logits)
         if W.shape[1] != A.shape[1]:

@@ -21,7 +21,7 @@ from .explain import explain
 from .image_chip import image_chip
 from .importance import Importance
 from .localization import DEFAULT_THRESHOLDS, box_correct_both, ilsvrc_metrics
-from .maps import inference_view
+from .maps import inference_view, shared_activations
 
 MapFn = Callable[[Tensor, Tensor], Tensor]  # (normalised images [B,3,H,W], classes [B]) -> maps [B,H,W]
 
@@ -120,8 +120,10 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
         index = torch.arange(seen, seen + len(labels))
         seen += len(labels)
         pick = index % 2 == 1 if faithfulness_images == "evaluation" else torch.ones(len(labels), dtype=torch.bool)
-        for name, fn in methods.items():
-            maps = fn(x, labels.to(device)).detach().float().cpu().clamp(0, 1)
+        with shared_activations():  # one prefix forward per layer for every method on this batch
+            batch_maps = {name: fn(x, labels.to(device)).detach().float().cpu().clamp(0, 1)
+                          for name, fn in methods.items()}
+        for name, maps in batch_maps.items():
             v1, v2 = box_correct_both(maps, boxes, thresholds)
             correct[name].append(v1)
             correct_v2[name].append(v2)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from .baselines import guided_backprop
 from .image_chip import image_chip_weights
 from .importance import Importance
-from .maps import _class_indices, cached_split, check_images, inference_view, normalize_maps, resolve_target
+from .maps import (_class_indices, cached_split, check_images, inference_view, layer_activations, normalize_maps,
+                   resolve_target)
 
 METHODS = ("chip", "refined", "guided_chip", "image_chip")
 # keyword options of method="image_chip" (those of chip_ext.image_chip.image_chip_weights, and shrink)
@@ -53,9 +54,10 @@ def chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: s
     check_images(images)
     if layer not in importance.weights:
         raise ValueError(f"layer {layer!r} is not in the importance (layers: {importance.layers})")
-    prefix, suffix = cached_split(inference_view(model), layer)
+    view = inference_view(model)
+    _, suffix = cached_split(view, layer)
+    A = layer_activations(view, images, layer)
     with torch.no_grad():
-        A = prefix(images)
         logits = suffix(A.clone()) if target is None else None
     W_all = importance.weights[layer]
     if A.dim() != 4 or A.shape[1] != W_all.shape[1]:
@@ -97,9 +99,10 @@ def image_chip_maps(model: nn.Module, images: Tensor, importance: Importance, la
             raise ValueError(f"shrink=True needs the per-image score to be the importance's target "
                              f"({distilled_on!r}: the weights are in its units); got score={score!r}")
         if t is None:
-            prefix, suffix = cached_split(inference_view(model), layer)
+            view = inference_view(model)
+            _, suffix = cached_split(view, layer)
             with torch.no_grad():
-                t = resolve_target(None, suffix(prefix(images)))
+                t = resolve_target(None, suffix(layer_activations(view, images, layer).clone()))
         try:
             rows = [importance.row(int(c)) for c in t.tolist()]
         except KeyError as err:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .gates import default_sigma, proximity, sample_gates
-from .maps import Target, cached_split, check_images, inference_view, normalize_maps, resolve_target
+from .maps import Target, cached_split, check_images, inference_view, layer_activations, normalize_maps, resolve_target
 from .solver import admm_lasso, lambda_max
 
 SCORES = ("logit", "prob")
@@ -46,10 +46,11 @@ def image_chip_weights(model: nn.Module, images: Tensor, layer: str, target: Tar
         raise ValueError(f"lam_ratio must be > 0; got {lam_ratio!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-    prefix, suffix = cached_split(inference_view(model), layer)
+    view = inference_view(model)
+    _, suffix = cached_split(view, layer)
     N = num_perturbations
+    A = layer_activations(view, images, layer)
     with torch.no_grad():
-        A = prefix(images)
         if A.dim() != 4:
             raise ValueError(f"layer {layer!r} gives {list(A.shape)}; per-image CHIP needs [B, K, h, w]")
         t = resolve_target(target, suffix(A.clone()))

@@ -8,10 +8,12 @@ maps: Tensor[B, H, W] in [0, 1] at the input resolution (a constant map becomes 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -166,3 +168,39 @@ def cached_split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.Graph
         with _LOCK:
             per_model[("split", layer)] = hit
     return hit[1], hit[2]
+
+
+# ------------------------------------------------------------------------------ shared activations
+
+_SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("chip_ext_shared_activations", default=None)
+
+
+@contextlib.contextmanager
+def shared_activations() -> Iterator[None]:
+    """Within the block, methods that need a layer's activations of the same images tensor (same object,
+    unmodified) compute them once: `evaluate` runs every method on a batch inside one, so CHIP, Refined
+    CHIP, Grad-CAM, CAM and per-image CHIP at one layer share one forward of the model's prefix. The
+    activations are held until the block ends (per thread and task: a context variable)."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def layer_activations(view: nn.Module, images: Tensor, layer: str) -> Tensor:
+    """The output A of `layer` for `images` through the inference view `view` (no gradient), computed
+    once per (view, layer, images) inside `shared_activations()`, every call outside one. The result
+    may be shared: do not modify it in place."""
+    prefix, _ = cached_split(view, layer)
+    memo = _SHARED.get()
+    if memo is None:
+        with torch.no_grad():
+            return prefix(images)
+    key = (id(view), layer)
+    hit = memo.get(key)
+    # the same tensor object (held here, so its id cannot be reused) at the same version
+    if hit is None or hit[0] is not images or hit[1] != images._version:
+        with torch.no_grad():
+            hit = memo[key] = (images, images._version, prefix(images))
+    return hit[2]

@@ -48,11 +48,11 @@ class GradientCache:
         # the same tensor object, unmodified (it is held here, so its memory is not reused by another)
         key = (images._version, tuple(int(c) for c in targets))
         if images is not self.images or key != self.key:
-            from .maps import cached_split
+            from .maps import cached_split, layer_activations
 
-            prefix, suffix = cached_split(inference_view(model), layer)
-            with torch.no_grad():
-                A = prefix(images)
+            view = inference_view(model)
+            _, suffix = cached_split(view, layer)
+            A = layer_activations(view, images, layer)
             with torch.enable_grad():
                 A = A.detach().requires_grad_(True)
                 logits = suffix(A.clone())

@@ -1,0 +1,103 @@
+"""chip_ext.maps: the shared-activations context that lets every method on a batch use one prefix forward."""
+import threading
+
+import torch
+
+import chip_ext
+from chip_ext import Importance, baselines, evaluation
+from chip_ext.maps import inference_view, layer_activations, shared_activations
+
+
+def counting(model, layer):
+    calls = []
+    # fx tracing (the first split at a layer) calls the hook with proxies: count real forwards only
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda m, i, o: calls.append(i[0].shape[0]) if isinstance(i[0], torch.Tensor) else None)
+    return calls, handle
+
+
+def imp_for(model):
+    g = torch.Generator().manual_seed(0)
+    return Importance({"layer1": torch.randn(3, 64, generator=g), "layer4": torch.randn(3, 512, generator=g)},
+                      [0, 1, 2])
+
+
+def test_methods_share_one_prefix_forward_and_give_the_same_maps(resnet):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 2])
+    imp = imp_for(resnet)
+
+    def all_maps():
+        return [chip_ext.explain(resnet, x, imp, target=t), chip_ext.explain(resnet, x, imp, method="refined", target=t),
+                baselines.gradcam(resnet, x, "layer4", t), baselines.cam(resnet, x, "layer4", t),
+                chip_ext.explain(resnet, x, imp, method="image_chip", layer="layer4", target=t, num_perturbations=8)]
+
+    calls, handle = counting(resnet, "layer4")
+    try:
+        alone = all_maps()
+        assert len(calls) == 5  # each method ran the prefix to layer4 itself (image_chip's suffix starts after it)
+        calls.clear()
+        with shared_activations():
+            shared = all_maps()
+        assert len(calls) == 1, calls
+    finally:
+        handle.remove()
+    for a, b in zip(alone, shared):
+        assert torch.equal(a, b)
+
+
+def test_a_new_or_modified_images_tensor_is_computed_again(resnet):
+    view = inference_view(resnet)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with shared_activations():
+        a1 = layer_activations(view, x, "layer2")
+        assert layer_activations(view, x, "layer2") is a1
+        y = x.clone()
+        a2 = layer_activations(view, y, "layer2")
+        assert a2 is not a1 and torch.equal(a2, a1)
+        x.mul_(2)  # in place: the held activations are stale
+        a3 = layer_activations(view, x, "layer2")
+        assert a3 is not a1 and not torch.equal(a3, a1)
+    # outside the block nothing is held
+    assert layer_activations(view, x, "layer2") is not layer_activations(view, x, "layer2")
+
+
+def test_the_memo_is_per_thread(resnet):
+    view = inference_view(resnet)
+    x = torch.randn(1, 3, 32, 32)
+    seen = {}
+    with shared_activations():
+        mine = layer_activations(view, x, "layer1")
+
+        def other():
+            seen["a"] = layer_activations(view, x, "layer1")  # no block in this thread: computed anew
+
+        th = threading.Thread(target=other)
+        th.start()
+        th.join()
+    assert seen["a"] is not mine and torch.equal(seen["a"], mine)
+
+
+def test_evaluate_runs_each_layer_prefix_once_per_batch(resnet):
+    """evaluate: chip, refined, gradcam, cam at layer4 on a 4-image data set in 2 batches -> one forward of
+    the prefix per batch for the maps (plus evaluate's own forward of the whole model for the top-5)."""
+    import numpy as np
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            x = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i))
+            return x, i % 3, np.array([[8, 8, 40, 40]])
+
+    ds = Data()
+    imp = imp_for(resnet)
+    methods = evaluation.standard_methods(resnet, ["chip", "refined", "gradcam", "cam"], importance=imp,
+                                          layer="layer4")
+    calls, handle = counting(resnet, "layer4")
+    try:
+        evaluation.evaluate(resnet, ds, methods, lambda v: v, batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * 2, calls  # per batch: evaluate's logits + one shared prefix
