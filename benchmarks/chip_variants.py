@@ -212,7 +212,7 @@ def main(argv=None) -> int:
             run("solver", fns, meta)
 
     if "passes" in parts:  # one pass option at a time, default and positive+intercept solver
-        for tag in ("base", "logit", "drop09", "sigma2", "n100", "img300", "bern25"):
+        for tag in ("base", "logit", "drop09", "sigma2", "n100", "img300", "bern25", "drop02", "drop01"):
             if not (q.WORK / f"{tag}.ckpt").is_file():
                 print(f"pass {tag}: no checkpoint yet, skipped in this run", flush=True)
                 continue

@@ -46,6 +46,10 @@ PASSES: dict[str, dict] = {
     # Bernoulli gates: every channel off independently with p = 0.25 (the mean drop fraction of U(0, 0.5));
     # a measurement only: the library's sampler is swapped for this pass (`bernoulli_gates`)
     "bern25": {"layers": VARIANT_LAYERS, "per_class": 100, "num_perturbations": 32, "bernoulli_p": 0.25},
+    # smaller perturbations (fourth session): drop fraction U(0, 0.2) and U(0, 0.1), closer to the local,
+    # first-order effects that Grad-CAM's gradients measure
+    "drop02": {"layers": VARIANT_LAYERS, "per_class": 100, "num_perturbations": 32, "max_drop": 0.2},
+    "drop01": {"layers": VARIANT_LAYERS, "per_class": 100, "num_perturbations": 32, "max_drop": 0.1},
 }
 
 
