@@ -125,9 +125,9 @@ def train_activation_stats(model, pre, layers, per_class: int) -> dict:
 
 
 def scale_maps_fn(cache, imp, layer, how, stats):
-    """ReLU(sum_k W_ck A_k / s_k): W_ck is the score a channel's whole presence is worth, about
-    (gradient x activation) summed over its map, so sum_k W_ck A_k counts the activation twice; dividing by
-    a scale of the channel's activation gives a weight per unit of activation, as Grad-CAM's alpha is.
+    """ReLU(sum_k W_ck A_k / s_k): the channels re-weighted by the inverse of their activation scale (W is
+    fitted on z = d * a, the gated pooled activations, so it is already per unit of activation; this
+    favours channels with small activations, a test of whether the activation scale matters at all).
     s = the train images' mean |A_k| ("mean_abs"), that of class c's train images ("class_mean_abs"), or
     this image's own mean |A_k| ("image_abs"); 1% of the mean scale is added against dead channels."""
     def fn():
