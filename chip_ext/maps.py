@@ -180,7 +180,8 @@ def shared_activations() -> Iterator[None]:
     """Within the block, methods that need a layer's activations of the same images tensor (same object,
     unmodified) compute them once: `evaluate` runs every method on a batch inside one, so CHIP, Refined
     CHIP, Grad-CAM, CAM and per-image CHIP at one layer share one forward of the model's prefix. The
-    activations are held until the block ends (per thread and task: a context variable)."""
+    activations are held until the block ends (per thread and task: a context variable); the model's
+    weights must not change inside the block (an in-place change of the images is noticed)."""
     token = _SHARED.set({})
     try:
         yield
@@ -199,8 +200,8 @@ def layer_activations(view: nn.Module, images: Tensor, layer: str) -> Tensor:
             return prefix(images)
     key = (id(view), layer)
     hit = memo.get(key)
-    # the same tensor object (held here, so its id cannot be reused) at the same version
-    if hit is None or hit[0] is not images or hit[1] != images._version:
+    # the same view and images objects (both held here, so their ids cannot be reused) at the same version
+    if hit is None or hit[0] is not view or hit[1] is not images or hit[2] != images._version:
         with torch.no_grad():
-            hit = memo[key] = (images, images._version, prefix(images))
-    return hit[2]
+            hit = memo[key] = (view, images, images._version, prefix(images))
+    return hit[3]

@@ -101,3 +101,17 @@ def test_evaluate_runs_each_layer_prefix_once_per_batch(resnet):
     finally:
         handle.remove()
     assert len(calls) == 2 * 2, calls  # per batch: evaluate's logits + one shared prefix
+
+
+def test_two_models_on_the_same_images_keep_their_own_activations(resnet):
+    import torchvision
+
+    other = torchvision.models.resnet18(weights=None, num_classes=7).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with shared_activations():
+        a = layer_activations(inference_view(resnet), x, "layer1")
+        b = layer_activations(inference_view(other), x, "layer1")
+    assert not torch.equal(a, b)
+    with torch.no_grad():
+        want = other.layer1(other.maxpool(other.relu(other.bn1(other.conv1(x)))))
+    torch.testing.assert_close(b, want)
