@@ -72,7 +72,9 @@ def plot(record: dict, path: Path) -> None:
             ax.axhline(base[key], color="0.4", ls=":", lw=2, label="centre baseline (no model)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"EfficientNet-Lite0, Imagenette val evaluation half ({record['n_evaluation']} images), "
-                 f"{record['date']}", fontsize=10)
+                 f"{record['date']}" + (f" (merged runs to {record['merged_on']})"
+                                        if record.get("merged_on", record["date"]) != record["date"] else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -157,6 +159,7 @@ def main(argv=None) -> int:
                                                          "machine": o["machine"], "chip": o["chip"]})
         record["layers"] = depth_order(record["results"])  # every layer measured, by this run or others
         if args.merge:
+            record["merged_on"] = dt.date.today().isoformat()
             args.out.write_text(json.dumps(record, indent=1) + "\n")
         plot(record, args.out.with_suffix(".png"))
         print(markdown(record))
