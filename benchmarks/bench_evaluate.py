@@ -24,12 +24,13 @@ import quality_common as q  # noqa: E402
 from bench_ops import RESULTS, device_name, slug  # noqa: E402
 
 from chip_ext import evaluation  # noqa: E402
+from chip_ext.distillation import DEFAULT_LAM_RATIO  # noqa: E402
 
 
 def importance(model, pre, layers):
     """The benchmark's CHIP statistics if they are there (quality_common.py base), else a small pass."""
     if (q.WORK / "base.ckpt").is_file():
-        return q.solve(model, "base", lam_ratio=0.03, fit_intercept=True), "base pass"
+        return q.solve(model, "base", lam_ratio=DEFAULT_LAM_RATIO, fit_intercept=True), "base pass"
     import chip_ext
     from chip_ext import data
 

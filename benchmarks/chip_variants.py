@@ -80,10 +80,13 @@ class Cached:
                 self.acts[layer] = [prefix(x) for x in self.x]
         return self.acts[layer]
 
-    def chip_maps(self, imp, layer):
+    def chip_maps(self, imp, layer, scale=None):
+        """scale: None, or (A [B, K, h, w], targets [B]) -> s [B, K]: the maps of W / s (part scale)."""
         out = []
         for A, t in zip(self.activations(layer), self.labels):
             W = torch.stack([imp.weights[layer][imp.row(int(c))] for c in t]).float()
+            if scale is not None:
+                W = W / scale(A, t)
             out.append(normalize_maps(torch.relu(torch.einsum("bk,bkhw->bhw", W, A.float())), self.x[0].shape[-2:]))
         return out
 
@@ -130,21 +133,16 @@ def scale_maps_fn(cache, imp, layer, how, stats):
     favours channels with small activations, a test of whether the activation scale matters at all).
     s = the train images' mean |A_k| ("mean_abs"), that of class c's train images ("class_mean_abs"), or
     this image's own mean |A_k| ("image_abs"); 1% of the mean scale is added against dead channels."""
-    def fn():
-        out = []
-        for A, t in zip(cache.activations(layer), cache.labels):
-            W = torch.stack([imp.weights[layer][imp.row(int(c))] for c in t]).float()
-            if how == "mean_abs":
-                s = stats["all"][None].expand_as(W)
-            elif how == "class_mean_abs":
-                s = torch.stack([stats["class"][int(c)] for c in t])
-            else:
-                s = A.abs().mean(dim=(2, 3))
-            s = s + 0.01 * s.mean(dim=1, keepdim=True)
-            maps = torch.relu(torch.einsum("bk,bkhw->bhw", W / s, A.float()))
-            out.append(normalize_maps(maps, cache.x[0].shape[-2:]))
-        return cache.score(out)
-    return fn
+    def scale(A, t):
+        if how == "mean_abs":
+            s = stats["all"][None].expand(len(t), -1)
+        elif how == "class_mean_abs":
+            s = torch.stack([stats["class"][int(c)] for c in t])
+        else:
+            s = A.abs().mean(dim=(2, 3))
+        return s + 0.01 * s.mean(dim=1, keepdim=True)
+
+    return lambda: cache.score(cache.chip_maps(imp, layer, scale))
 
 
 def choose_solver(rows: dict) -> dict:

@@ -2,21 +2,22 @@
 `Importance`."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .baselines import guided_backprop
-from .image_chip import image_chip_weights
+from .image_chip import image_chip, image_chip_weights
 from .importance import Importance
 from .maps import (_class_indices, cached_split, check_images, inference_view, layer_activations, normalize_maps,
-                   resolve_target)
+                   resolve_target, shared_activations)
 
 METHODS = ("chip", "refined", "guided_chip", "image_chip")
-# keyword options of method="image_chip" (those of chip_ext.image_chip.image_chip_weights, and shrink)
-IMAGE_CHIP_OPTIONS = ("num_perturbations", "lam_ratio", "score", "max_drop", "sigma", "fit_intercept",
-                      "positive", "seed", "batch_size", "shrink")
+# keyword options of method="image_chip": those of image_chip_weights (prior comes from shrink), and shrink
+IMAGE_CHIP_OPTIONS = tuple(name for name, p in inspect.signature(image_chip_weights).parameters.items()
+                           if p.kind is p.KEYWORD_ONLY and name != "prior") + ("shrink",)
 TargetArg = int | str | Sequence[int] | Sequence[str] | Tensor | None
 
 
@@ -91,8 +92,8 @@ def image_chip_maps(model: nn.Module, images: Tensor, importance: Importance, la
         raise TypeError(f"shrink must be True or False; got {shrink!r}")
     t = None if target is None else _given_targets(target, importance, images.shape[0], images.device)
     if not shrink:
-        W, A, _ = image_chip_weights(model, images, layer, t, **options)
-    else:
+        return image_chip(model, images, layer, t, **options)
+    with shared_activations():  # the top-1 target and the fit share the prefix forward
         distilled_on = importance.meta.get("target")
         score = options.setdefault("score", distilled_on if distilled_on in ("prob", "logit") else "logit")
         if distilled_on is not None and distilled_on != score:
@@ -109,9 +110,7 @@ def image_chip_maps(model: nn.Module, images: Tensor, importance: Importance, la
             raise ValueError(f"{err.args[0]}; shrink=True needs the target among the distilled classes "
                              f"{importance.classes[:20]}{'...' if len(importance.classes) > 20 else ''}") from None
         prior = importance.weights[layer][rows].to(device=images.device, dtype=torch.float64)
-        W, A, _ = image_chip_weights(model, images, layer, t, prior=prior, **options)
-    maps = torch.relu(torch.einsum("bk,bkhw->bhw", W.float(), A.float()))
-    return normalize_maps(maps, images.shape[-2:])
+        return image_chip(model, images, layer, t, prior=prior, **options)
 
 
 def explain(model: nn.Module, images: Tensor, importance: Importance, *, method: str = "chip",

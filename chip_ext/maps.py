@@ -181,7 +181,11 @@ def shared_activations() -> Iterator[None]:
     unmodified) compute them once: `evaluate` runs every method on a batch inside one, so CHIP, Refined
     CHIP, Grad-CAM, CAM and per-image CHIP at one layer share one forward of the model's prefix. The
     activations are held until the block ends (per thread and task: a context variable); the model's
-    weights must not change inside the block (an in-place change of the images is noticed)."""
+    weights must not change inside the block (an in-place change of the images is noticed). A block
+    inside another shares the outer one's activations."""
+    if _SHARED.get() is not None:
+        yield
+        return
     token = _SHARED.set({})
     try:
         yield

@@ -115,3 +115,14 @@ def test_two_models_on_the_same_images_keep_their_own_activations(resnet):
     with torch.no_grad():
         want = other.layer1(other.maxpool(other.relu(other.bn1(other.conv1(x)))))
     torch.testing.assert_close(b, want)
+
+
+def test_a_nested_block_shares_the_outer_one(resnet):
+    """explain(shrink=True) opens a block of its own; inside evaluate's it must not drop evaluate's activations."""
+    view = inference_view(resnet)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with shared_activations():
+        outer = layer_activations(view, x, "layer2")
+        with shared_activations():
+            assert layer_activations(view, x, "layer2") is outer
+        assert layer_activations(view, x, "layer2") is outer
