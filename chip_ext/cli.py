@@ -30,9 +30,9 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPLAIN_METHODS = ("chip", "refined", "guided_chip", "image_chip", "gradcam", "cam", "guided_backprop", "guided_gradcam")
+EXPLAIN_METHODS = ("chip", "refined", "guided_chip", "image_chip", "region_chip", "gradcam", "cam", "guided_backprop", "guided_gradcam")
 METHOD_TITLES = {"chip": "CHIP", "refined": "Refined CHIP", "guided_chip": "Guided CHIP",
-                 "image_chip": "Per-image CHIP", "gradcam": "Grad-CAM",
+                 "image_chip": "Per-image CHIP", "region_chip": "Region CHIP", "gradcam": "Grad-CAM",
                  "cam": "CAM", "guided_backprop": "Guided BP", "guided_gradcam": "Guided Grad-CAM"}
 
 
@@ -87,7 +87,7 @@ def _explain(args: argparse.Namespace) -> int:
     t = torch.tensor(targets)
     columns = {}
     for m in methods:
-        if m in ("chip", "refined", "guided_chip", "image_chip"):
+        if m in ("chip", "refined", "guided_chip", "image_chip", "region_chip"):
             columns[m] = explain(model, x, imp, method=m, target=t, layer=layer if m != "refined" else None)
         elif m == "guided_backprop":
             columns[m] = baselines.guided_backprop(model, x, t)
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="folder with val_labels.csv + val_boxes.csv, val_boxes_xml/, "
                     "or wsolevaluation metadata")
     ev.add_argument("--methods", default="chip,refined,gradcam,cam",
-                    help="comma list of chip, refined, image_chip (per-image CHIP), gradcam, cam, rise, center (the "
+                    help="comma list of chip, refined, image_chip (per-image CHIP), region_chip (CHIP gates over the map's cells), gradcam, cam, rise, center (the "
                          "no-model centre baseline), and "
                     "pytorch-grad-cam's gradcam_pytorch_grad_cam, gradcam++, scorecam, ablationcam, layercam, "
                     "xgradcam, eigencam, hirescam")

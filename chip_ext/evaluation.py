@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from . import baselines, faithfulness, peers
 from .data import LocalizationDataset, collate_localization
 from .explain import explain
-from .image_chip import image_chip
+from .image_chip import image_chip, region_chip
 from .importance import Importance
 from .localization import DEFAULT_THRESHOLDS, box_correct_both, ilsvrc_metrics
 from .maps import inference_view, shared_activations
@@ -26,7 +26,7 @@ from .maps import inference_view, shared_activations
 MapFn = Callable[[Tensor, Tensor], Tensor]  # (normalised images [B,3,H,W], classes [B]) -> maps [B,H,W]
 
 
-METHODS = ("chip", "refined", "image_chip", "gradcam", "cam", "rise", "center", *peers.CAM_CLASSES)
+METHODS = ("chip", "refined", "image_chip", "region_chip", "gradcam", "cam", "rise", "center", *peers.CAM_CLASSES)
 LAYER_FREE = ("chip", "refined", "rise", "center")  # methods that need no layer= (chip: the importance's last)
 
 
@@ -36,6 +36,7 @@ def standard_methods(model: nn.Module, names, *, importance: Importance | None =
     """Map functions for method names (see METHODS):
     chip, refined: CHIP and Refined CHIP (need `importance`; chip at `layer`);
     image_chip: per-image CHIP at `layer` (`chip_ext.image_chip`);
+    region_chip: region CHIP at `layer` (`chip_ext.image_chip.region_chip`: gates over the map's cells);
     gradcam, cam: ours (cam at `cam_layer`, the layer right before global pooling);
     rise: RISE (input masks, layer-free); center: the centre baseline (no model, `baselines.center`);
     pytorch-grad-cam's own classes at `layer`: gradcam_pytorch_grad_cam, gradcam++, scorecam,
@@ -72,6 +73,8 @@ def standard_methods(model: nn.Module, names, *, importance: Importance | None =
             raise ValueError(f"method {name!r} needs layer=")
         if name == "image_chip":
             fns[name] = lambda x, t, kw=kw: image_chip(model, x, layer, t, **kw)
+        elif name == "region_chip":
+            fns[name] = lambda x, t, kw=kw: region_chip(model, x, layer, t, **kw)
         elif name == "gradcam":
             fns[name] = lambda x, t: baselines.gradcam(model, x, layer, t)
         elif name == "cam":

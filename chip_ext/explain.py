@@ -9,15 +9,23 @@ import torch
 from torch import Tensor, nn
 
 from .baselines import guided_backprop
-from .image_chip import image_chip, image_chip_weights
+from .image_chip import image_chip, image_chip_weights, region_chip, region_chip_weights
 from .importance import Importance
 from .maps import (_class_indices, cached_split, check_images, inference_view, layer_activations, normalize_maps,
                    resolve_target, shared_activations)
 
-METHODS = ("chip", "refined", "guided_chip", "image_chip")
-# keyword options of method="image_chip": those of image_chip_weights (prior comes from shrink), and shrink
-IMAGE_CHIP_OPTIONS = tuple(name for name, p in inspect.signature(image_chip_weights).parameters.items()
-                           if p.kind is p.KEYWORD_ONLY and name != "prior") + ("shrink",)
+METHODS = ("chip", "refined", "guided_chip", "image_chip", "region_chip")
+
+
+def _keyword_options(fn) -> tuple[str, ...]:
+    return tuple(name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
+# keyword options of the per-image methods: image_chip_weights' (prior comes from shrink) and shrink;
+# region_chip_weights'
+IMAGE_CHIP_OPTIONS = tuple(n for n in _keyword_options(image_chip_weights) if n != "prior") + ("shrink",)
+REGION_CHIP_OPTIONS = _keyword_options(region_chip_weights)
+OPTIONS = {"image_chip": IMAGE_CHIP_OPTIONS, "region_chip": REGION_CHIP_OPTIONS}
 TargetArg = int | str | Sequence[int] | Sequence[str] | Tensor | None
 
 
@@ -37,7 +45,12 @@ def _given_targets(target: TargetArg, importance: Importance, B: int, device) ->
     the distilled classes is checked where the rows of W are looked up."""
     if isinstance(target, str) or (isinstance(target, (list, tuple)) and target and isinstance(target[0], str)):
         names = [target] if isinstance(target, str) else list(target)
-        idx = [importance.classes[importance.row(n)] for n in names]
+        try:
+            idx = [importance.classes[importance.row(n)] for n in names]
+        except KeyError as err:
+            names_known = importance.class_names or []
+            raise ValueError(f"target: {err.args[0]}; names: {names_known[:20]}"
+                             f"{'...' if len(names_known) > 20 else ''}") from None
         target = idx[0] if isinstance(target, str) else idx
     t = _class_indices(target).to(device).flatten()
     if t.numel() == 1:
@@ -123,25 +136,35 @@ def explain(model: nn.Module, images: Tensor, importance: Importance, *, method:
         normalised again),
         "guided_chip" (guided backprop x the CHIP map; returns Tensor[B, 3, H, W]),
         "image_chip" (per-image CHIP at `layer`: the CHIP Lasso fitted on each image's own N perturbations,
-        beyond the paper; only the model's suffix runs, N times an image; see `image_chip_maps`).
+        beyond the paper; only the model's suffix runs, N times an image; see `image_chip_maps`),
+        "region_chip" (region CHIP at `layer`: the same per-image Lasso with gates over the cells of the
+        layer's map instead of its channels, beyond the paper; `chip_ext.image_chip.region_chip`; the
+        importance only supplies the default layer and class names).
     target: None (each image's top-1 prediction), a class index, a class name, or one per image.
-    options: method="image_chip" only: num_perturbations (128), lam_ratio (0.01), score ("logit"),
+    options: method="image_chip": num_perturbations (128), lam_ratio (0.01), score ("logit"),
         max_drop, sigma, fit_intercept (True), positive, seed, batch_size, shrink (False: see
-        `image_chip_maps`).
+        `image_chip_maps`). method="region_chip": cell (None: the smallest with no more cells than
+        perturbations), num_perturbations (256), lam_ratio (chosen on the calibration half, see
+        `image_chip.REGION_LAM_RATIO`) and the others of image_chip but shrink.
     Returns Tensor[B, H, W] in [0, 1] at the input resolution, on the images' device.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if not isinstance(importance, Importance):
         raise TypeError(f"importance must be a chip_ext.Importance; got {type(importance).__name__}")
-    if options and method != "image_chip":
-        raise TypeError(f"options {sorted(options)} are for method='image_chip' only; method={method!r} takes none")
-    unknown = sorted(set(options) - set(IMAGE_CHIP_OPTIONS))
+    if options and method not in OPTIONS:
+        raise TypeError(f"options {sorted(options)} are for method='image_chip' or 'region_chip' only; "
+                        f"method={method!r} takes none")
+    unknown = sorted(set(options) - set(OPTIONS.get(method, ())))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for method='image_chip'; choose from {IMAGE_CHIP_OPTIONS}")
+        raise TypeError(f"unknown option(s) {unknown} for method={method!r}; choose from {OPTIONS[method]}")
     layers = forward_order(model, importance.layers)
     if method == "image_chip":
         return image_chip_maps(model, images, importance, layer or layers[-1], target, **options)
+    if method == "region_chip":
+        check_images(images)
+        t = None if target is None else _given_targets(target, importance, images.shape[0], images.device)
+        return region_chip(model, images, layer or layers[-1], t, **options)
     if method == "refined":
         if layer is not None:
             raise ValueError("method='refined' uses the importance's first and last layers; do not pass layer=")

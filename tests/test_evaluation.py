@@ -229,8 +229,9 @@ def test_standard_methods_names_and_options(resnet):
 
     from chip_ext import evaluation
 
-    fns = evaluation.standard_methods(resnet, ["gradcam++", "rise", "image_chip", "eigencam", "center"], layer="layer4",
-                                      options={"rise": {"num_masks": 8}, "image_chip": {"num_perturbations": 4}})
+    fns = evaluation.standard_methods(resnet, ["gradcam++", "rise", "image_chip", "region_chip", "eigencam", "center"],
+                                      layer="layer4", options={"rise": {"num_masks": 8}, "image_chip": {
+                                          "num_perturbations": 4}, "region_chip": {"num_perturbations": 4}})
     import torch
 
     x = torch.randn(2, 3, 32, 32)

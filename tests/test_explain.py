@@ -107,7 +107,7 @@ def test_bad_arguments(model, importance):
         chip_ext.explain(model, images(), Importance({"layer4": torch.rand(1, 512)}, [1]), method="refined", target=1)
     with pytest.raises(TypeError, match="importance must be a chip_ext.Importance"):
         chip_ext.explain(model, images(), {"layer4": torch.rand(1, 512)}, target=1)
-    with pytest.raises(KeyError, match="class 'cat' is not among the distilled class names"):
+    with pytest.raises(ValueError, match="target: class .cat. is not among the distilled class names"):
         chip_ext.explain(model, images(), importance, target="cat")
 
 
@@ -226,7 +226,8 @@ def test_image_chip_shrink_uses_the_class_weights_as_prior(model):
 
 
 def test_image_chip_options_are_checked(model, importance):
-    with pytest.raises(TypeError, match=r"options \['num_perturbations'\] are for method='image_chip' only"):
+    with pytest.raises(TypeError, match=r"options \['num_perturbations'\] are for method='image_chip' or "
+                                        r"'region_chip' only"):
         chip_ext.explain(model, images(), importance, target=3, num_perturbations=8)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['lam'\] for method='image_chip'"):
         chip_ext.explain(model, images(), importance, method="image_chip", target=3, lam=0.1)
@@ -236,3 +237,23 @@ def test_image_chip_options_are_checked(model, importance):
         chip_ext.explain(model, images(), importance, method="image_chip", target=3, num_perturbations=1)
     with pytest.raises(ValueError, match="layer 'layer2' is not in the importance"):
         chip_ext.explain(model, images(), importance, method="image_chip", layer="layer2", target=3)
+
+
+def test_region_chip_method_equals_the_function(model, importance):
+    """method="region_chip" is chip_ext.image_chip.region_chip's map; the importance gives the default layer
+    and class names only, so any layer of the model works and its own options are checked."""
+    from chip_ext.image_chip import region_chip
+
+    x = images()
+    got = chip_ext.explain(model, x, importance, method="region_chip", target="seven", num_perturbations=16, cell=1)
+    want = region_chip(model, x, "layer4", 7, num_perturbations=16)
+    assert got.shape == (2, 64, 64) and torch.equal(got, want)
+    other = chip_ext.explain(model, x, importance, method="region_chip", layer="layer2", target=500,
+                             num_perturbations=8, cell=4)
+    assert torch.equal(other, region_chip(model, x, "layer2", 500, num_perturbations=8, cell=4))
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['shrink'\] for method='region_chip'"):
+        chip_ext.explain(model, x, importance, method="region_chip", target=3, shrink=True)
+    with pytest.raises(ValueError, match="cell must be None or a positive int"):
+        chip_ext.explain(model, x, importance, method="region_chip", target=3, cell=0)
+    with pytest.raises(ValueError, match="'eight'"):
+        chip_ext.explain(model, x, importance, method="region_chip", target="eight")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from chip_ext.image_chip import image_chip, image_chip_weights
+from chip_ext.image_chip import image_chip, image_chip_weights, region_chip, region_chip_weights
 
 
 class LinearHead(nn.Module):
@@ -68,3 +68,70 @@ def test_maps_and_target_default():
 def test_bad_arguments(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         image_chip_weights(net(), torch.randn(2, 3, 8, 8, dtype=torch.float64), "act", **kw)
+
+
+
+class SpatialHead(nn.Module):
+    """conv -> ReLU (the layer 'act') -> flatten -> linear: the logit of class c is exactly
+    Σ_{k,y,x} V_c[k, y, x] A_k(y, x) + bias_c, linear in every position, so switching a set of cells off
+    removes exactly their Σ_k V_c[k, cell] A_k(cell): region CHIP with an intercept and a tiny λ must
+    return those sums (which are also HiResCAM's Σ_k ∂y/∂A_k · A_k, summed over each cell)."""
+
+    def __init__(self, K=4, C=3, size=7):
+        super().__init__()
+        self.conv = nn.Conv2d(3, K, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(K * size * size, C)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("cell", [1, 2, 3])
+def test_region_recovers_the_planted_cell_contributions(cell):
+    torch.manual_seed(0)
+    model = SpatialHead().double().eval()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    t = torch.tensor([2, 0])
+    beta, got_t = region_chip_weights(model, x, "act", t, cell=cell, num_perturbations=160, lam_ratio=1e-9)
+    A = model.act(model.conv(x)).detach()
+    V = model.fc.weight.detach()[t].view(2, 4, 7, 7)
+    per_position = (V * A).sum(1)  # [B, 7, 7]
+    g = -(-7 // cell)  # 7 is not a multiple of 2 or 3: the last cells are cut short
+    want = torch.zeros(2, g, g, dtype=torch.float64)
+    for i in range(g):
+        for j in range(g):
+            want[:, i, j] = per_position[:, i * cell:(i + 1) * cell, j * cell:(j + 1) * cell].sum((1, 2))
+    assert torch.equal(got_t, t) and beta.shape == (2, g, g)
+    assert (beta - want).abs().max() < 1e-6 * want.abs().max()
+
+
+def test_region_maps_and_target_default():
+    torch.manual_seed(0)
+    model = SpatialHead().double().eval()
+    x = torch.randn(3, 3, 7, 7, dtype=torch.float64)
+    maps = region_chip(model, x, "act", num_perturbations=16, score="prob")
+    assert maps.shape == (3, 7, 7) and float(maps.min()) >= 0 and float(maps.max()) <= 1
+    _, t = region_chip_weights(model, x, "act", num_perturbations=16)
+    assert torch.equal(t, model(x).argmax(1))  # None: the top-1 class
+
+
+def test_auto_cell_keeps_cells_at_most_perturbations():
+    from chip_ext.image_chip import auto_cell
+
+    assert auto_cell(14, 14, 256) == 1 and auto_cell(28, 28, 256) == 2 and auto_cell(7, 7, 16) == 2
+    assert auto_cell(28, 28, 195) == 3 and auto_cell(1, 1, 2) == 1
+    torch.manual_seed(0)
+    model = SpatialHead().double().eval()
+    x = torch.randn(1, 3, 7, 7, dtype=torch.float64)
+    beta, _ = region_chip_weights(model, x, "act", num_perturbations=16)  # 49 positions > 16: cells of 2
+    assert beta.shape == (1, 4, 4)
+
+
+@pytest.mark.parametrize("kw, pattern", [({"cell": 0}, "cell must be None or a positive int"),
+                                         ({"cell": 1.5}, "cell must be None or a positive int"),
+                                         ({"num_perturbations": 1}, "num_perturbations"),
+                                         ({"score": "softmax"}, "score")])
+def test_region_bad_arguments(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        region_chip_weights(net(), torch.randn(2, 3, 8, 8, dtype=torch.float64), "act", **kw)
