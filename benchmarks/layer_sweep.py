@@ -58,11 +58,12 @@ def plot(record: dict, path: Path) -> None:
             ys = [record["results"].get(layer, {}).get(method, {}).get(key) for layer in layers]
             if all(y is None for y in ys):
                 continue
-            ours = method.startswith(("chip", "image_chip", "refined"))
+            ours = method.startswith(("chip", "image_chip", "region_chip", "refined"))
             style = ("o" if method.startswith("refined") else "-o") if ours else "--."
             width = 2.5 if ours else 1.2
+            color = "black" if method == "region_chip" else plt.get_cmap("tab20")(i % 20)
             ax.plot(range(len(layers)), [float("nan") if y is None else y for y in ys], style, lw=width,
-                    label=method, color=plt.get_cmap("tab20")(i % 20), markersize=9 if ours else 5)
+                    label=method, color=color, markersize=9 if ours else 5)
         ax.set_xticks(range(len(layers)), layers, rotation=30)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -70,12 +71,13 @@ def plot(record: dict, path: Path) -> None:
     if base:  # the no-model reference: what centred boxes score on this data
         for ax, key in zip(axes[:2], ("max_box_acc_evaluation", "max_box_acc_v2_evaluation")):
             ax.axhline(base[key], color="0.4", ls=":", lw=2, label="centre baseline (no model)")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)  # outside the panels: no line hidden
     fig.suptitle(f"EfficientNet-Lite0, Imagenette val evaluation half ({record['n_evaluation']} images), "
                  f"{record['date']}" + (f" (merged runs to {record['merged_on']})"
                                         if record.get("merged_on", record["date"]) != record["date"] else ""),
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--fit-intercept", action=argparse.BooleanOptionalAction, default=True, help="default: distill's")
     p.add_argument("--positive", action="store_true")
     p.add_argument("--image-chip", default="{}", help="JSON options of image_chip")
+    p.add_argument("--region-chip", default="{}", help="JSON options of region_chip")
     p.add_argument("--out", type=Path, default=q.RESULTS / "layer_sweep.json")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (a smoke test)")
     p.add_argument("--table", action="store_true", help="print the README table from the JSON and stop")
@@ -194,6 +197,7 @@ def main(argv=None) -> int:
     metrics = [m for m in args.faithful_metrics.split(",") if m]
     chip_opts = {"lam_ratio": args.lam_ratio, "fit_intercept": args.fit_intercept, "positive": args.positive}
     image_opts = json.loads(args.image_chip)
+    region_opts = json.loads(args.region_chip)
     imp = q.solve(model, "base", **chip_opts)
     record = json.loads(args.out.read_text()) if args.out.is_file() else {"results": {}}
     steps = record.setdefault("deletion_step_by_layer", {})
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
                    "machine": f"CPU (2-core AMD EPYC), {torch.get_num_threads()} threads", "model": q.MODEL,
                    "layers": depth_order(set(record.get("layers", [])) | set(layers)), "methods": methods, "faithful": faithful, "chip": {"pass": q.PASSES["base"],
                                                                                        **chip_opts},
-                   "image_chip": image_opts, "deletion_step_pixels": args.deletion_step,
+                   "image_chip": image_opts, "region_chip": region_opts, "deletion_step_pixels": args.deletion_step,
                    "image_chip_layers": args.image_chip_layers, "faithful_layers": args.faithful_layers,
                    "protocol": "threshold on the calibration half (even indices); numbers on the evaluation half"})
     for layer in layers:
@@ -213,7 +217,8 @@ def main(argv=None) -> int:
                  or layer in args.image_chip_layers.split(",")]
         faithful_here = faithful if args.faithful_layers is None or layer in args.faithful_layers.split(",") else []
         fns = evaluation.standard_methods(model, names, importance=imp, layer=layer,
-                                          options={"image_chip": image_opts} if "image_chip" in names else None)
+                                          options={k: v for k, v in (("image_chip", image_opts),
+                                                                     ("region_chip", region_opts)) if k in names})
         if layer == "bn2":
             fns["cam"] = evaluation.standard_methods(model, ["cam"], layer="bn2")["cam"]
             if args.refined:  # Refined CHIP over the layer pair chosen on the calibration half
