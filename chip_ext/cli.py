@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "probable distilled class)")
     ex.add_argument("--methods", default=None, help=f"comma list of {', '.join(EXPLAIN_METHODS)} "
                     "(default: chip,refined,gradcam; refined only with a two-layer importance)")
-    ex.add_argument("--layer", default=None, help="layer for chip/gradcam/cam (default: the importance's last)")
+    ex.add_argument("--layer", default=None, help="layer for chip, image_chip, region_chip, gradcam and cam (default: the importance's last)")
     ex.add_argument("--out", required=True, help="output folder")
     ex.set_defaults(func=_explain)
 
