@@ -8,6 +8,7 @@ insertion − deletion over blocks.4 and blocks.6 (the faithfulness this variant
 broken by mean MaxBoxAcc. The evaluation half is measured by `layer_sweep.py --methods region_chip`.
 
     python benchmarks/region_chip.py [--parts grid,cell,reference]
+    python benchmarks/region_chip.py --parts combos    # products / sums with class-level CHIP (MaxBoxAcc only)
     python benchmarks/region_chip.py --parts figure    # results/region_chip_examples.png
     python benchmarks/region_chip.py --parts paired    # evaluation half, per image: results/region_chip_paired.json
 
@@ -190,6 +191,26 @@ def main(argv=None) -> int:
                                        lam_ratio=c["lam_ratio"], cell=cell),
                 {"layer": "blocks.2", "num_perturbations": c["num_perturbations"], "lam_ratio": c["lam_ratio"],
                  "cell": cell})
+    if "combos" in parts:  # goal (b): region CHIP at the last layers times / plus class-level CHIP's maps
+        from chip_ext.maps import normalize_maps
+
+        imp = q.solve(model, "base", lam_ratio=DEFAULT_LAM_RATIO, fit_intercept=True)
+        chip = {l: cache.chip_maps(imp, l) for l in ("blocks.5", "blocks.6", "bn2")}
+        region = {l: [image_chip.region_chip(model, x, l, t) for x, t in zip(cache.x, cache.labels)]
+                  for l in ("blocks.6", "bn2")}
+        combos = {"region@blocks.6 x chip@blocks.5": (region["blocks.6"], chip["blocks.5"], "product"),
+                  "region@blocks.6 + chip@blocks.5": (region["blocks.6"], chip["blocks.5"], "sum"),
+                  "region@blocks.6 x chip@blocks.6": (region["blocks.6"], chip["blocks.6"], "product"),
+                  "region@bn2 x chip@bn2": (region["bn2"], chip["bn2"], "product"),
+                  "region@bn2 x chip@blocks.5": (region["bn2"], chip["blocks.5"], "product"),
+                  "chip@blocks.5 x chip@blocks.6": (chip["blocks.5"], chip["blocks.6"], "product")}
+        for key, (a, b, how) in combos.items():
+            maps = [normalize_maps(x * y if how == "product" else x + y) for x, y in zip(a, b)]
+            if key not in rows:
+                rows[key] = {"part": "combos", "how": how, **cache.score(maps), "date": dt.date.today().isoformat(),
+                             "note": "maps normalised before they are combined; MaxBoxAcc only"}
+            print(key, rows[key], flush=True)
+        OUT.write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 
