@@ -135,3 +135,10 @@ def test_auto_cell_keeps_cells_at_most_perturbations():
 def test_region_bad_arguments(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         region_chip_weights(net(), torch.randn(2, 3, 8, 8, dtype=torch.float64), "act", **kw)
+
+
+def test_region_needs_a_spatial_layer():
+    torch.manual_seed(0)
+    model = SpatialHead().double().eval()
+    with pytest.raises(ValueError, match=r"layer 'fc' gives \[2, 3\]; region CHIP needs \[B, K, h, w\]"):
+        region_chip_weights(model, torch.randn(2, 3, 7, 7, dtype=torch.float64), "fc", num_perturbations=4)
