@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import sys
 import time
@@ -39,18 +40,22 @@ OUT = q.RESULTS / "region_chip.json"
 STEP = 224 * 28  # 8 deletion / insertion steps
 
 
+def per_image_faithfulness(cache, maps) -> dict[str, list[float]]:
+    """{"deletion": [...], "insertion": [...]}: every image's AUC (8 steps) for these maps."""
+    out = {"deletion": [], "insertion": []}
+    for x, t, m in zip(cache.x, cache.labels, maps):
+        r = faithfulness.deletion_insertion(cache.model, x, m.float(), t, step=STEP)
+        for k in out:
+            out[k] += r[k].tolist()
+    return out
+
+
 def measure(cache, fn) -> dict:
     t0 = time.perf_counter()
     maps = [fn(x, t) for x, t in zip(cache.x, cache.labels)]
     seconds_maps = time.perf_counter() - t0
     row = cache.score(maps)
-    dels, inss = [], []
-    for x, t, m in zip(cache.x, cache.labels, maps):
-        r = faithfulness.deletion_insertion(cache.model, x, m.float(), t, step=STEP)
-        dels.append(r["deletion"])
-        inss.append(r["insertion"])
-    row["deletion"] = float(torch.cat(dels).mean())
-    row["insertion"] = float(torch.cat(inss).mean())
+    row.update({k: sum(v) / len(v) for k, v in per_image_faithfulness(cache, maps).items()})
     row["insertion_minus_deletion"] = row["insertion"] - row["deletion"]
     row["seconds_maps"] = seconds_maps
     return row
@@ -82,9 +87,12 @@ def choose(rows: dict) -> dict:
 
 def figure(model, pre, path: Path, count: int = 6) -> None:
     """CHIP, region CHIP, HiResCAM and LayerCAM at blocks.2 and blocks.4 on the first `count` images of the
-    evaluation half (fixed positions, not picked by any result), true class, with the ILSVRC boxes."""
-    from chip_ext import render
+    evaluation half (fixed positions, not picked by any result), true class, with the ILSVRC boxes (green)."""
+    import matplotlib.patches as patches
+    import numpy as np
+
     from chip_ext.data import collate_localization
+    from chip_ext.render import grid_figure
 
     x01, labels, boxes = collate_localization([q.val_half(pre, "evaluation")[i] for i in range(count)])
     x = pre.normalize(x01)
@@ -94,16 +102,21 @@ def figure(model, pre, path: Path, count: int = 6) -> None:
         fns = evaluation.standard_methods(model, ["chip", "region_chip", "hirescam", "layercam"], importance=imp,
                                           layer=layer)
         for name, fn in fns.items():
-            columns[f"{name} @{layer}"] = fn(x, labels)
+            columns[f"{name} @{layer}"] = fn(x, labels).detach().float()
     names = models.class_names_for(q.MODEL)
-    titles = [names[int(c)][:24] for c in labels]
-    shown = x01.clone()
-    for b, bs in enumerate(boxes):  # the ground-truth boxes drawn in green, 2 pixels
-        for x0, y0, x1, y1 in [tuple(int(v) for v in box) for box in bs]:
-            for img_slice in ((slice(y0, y0 + 2), slice(x0, x1 + 1)), (slice(y1 - 1, y1 + 1), slice(x0, x1 + 1)),
-                              (slice(y0, y1 + 1), slice(x0, x0 + 2)), (slice(y0, y1 + 1), slice(x1 - 1, x1 + 1))):
-                shown[b, :, img_slice[0], img_slice[1]] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]
-    render.save_grid(path, shown, columns, row_titles=titles)
+    fig = grid_figure(x01, columns, row_titles=[names[int(c)][:24] for c in labels])
+    axes = np.asarray(fig.axes).reshape(count, 1 + len(columns))
+    for r, bs in enumerate(boxes):
+        for ax in axes[r]:
+            for b in np.asarray(bs, dtype=float).reshape(-1, 4):
+                ax.add_patch(patches.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False,
+                                               edgecolor="lime", lw=1.5))
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=80)
+    from PIL import Image  # 256 colours: the overlays' noise makes a full-colour PNG several MB
+
+    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
 
 
 def paired(model, pre, path: Path) -> None:
@@ -117,11 +130,7 @@ def paired(model, pre, path: Path) -> None:
         fns = evaluation.standard_methods(model, ["region_chip", "hirescam", "layercam", "chip"], importance=imp,
                                           layer=layer)
         for name, fn in fns.items():
-            curves = {"deletion": [], "insertion": []}
-            for x, t in zip(cache.x, cache.labels):
-                r = faithfulness.deletion_insertion(model, x, fn(x, t).float(), t, step=STEP)
-                for k in curves:
-                    curves[k] += r[k].tolist()
+            curves = per_image_faithfulness(cache, [fn(x, t) for x, t in zip(cache.x, cache.labels)])
             record["per_image"][f"{name} @{layer}"] = curves
             print(name, layer, {k: sum(v) / len(v) for k, v in curves.items()}, flush=True)
         mine = record["per_image"][f"region_chip @{layer}"]

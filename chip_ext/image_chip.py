@@ -60,6 +60,20 @@ def _gated_scores(suffix: nn.Module, A: Tensor, masks: Tensor, t: Tensor, score:
     return g
 
 
+def _layer_and_target(model: nn.Module, images: Tensor, layer: str, target: Target,
+                      what: str) -> tuple[nn.Module, Tensor, Tensor]:
+    """(the suffix after `layer`, its activations A Tensor[B, K, h, w], the targets Tensor[B]) for a
+    per-image fit named `what` in the error for a layer without a spatial map."""
+    view = inference_view(model)
+    _, suffix = cached_split(view, layer)
+    A = layer_activations(view, images, layer)
+    if A.dim() != 4:
+        raise ValueError(f"layer {layer!r} gives {list(A.shape)}; {what} needs [B, K, h, w]")
+    with torch.no_grad():
+        t = resolve_target(target, suffix(A.clone()))
+    return suffix, A, t
+
+
 def image_chip_weights(model: nn.Module, images: Tensor, layer: str, target: Target = None, *,
                        num_perturbations: int = 128, lam_ratio: float = 0.01, score: str = "logit",
                        max_drop: float = 0.5, sigma: float | None = None, fit_intercept: bool = True,
@@ -75,14 +89,9 @@ def image_chip_weights(model: nn.Module, images: Tensor, layer: str, target: Tar
     prior: Tensor[B, K] or None; with it the penalty is |w - prior|_1 (prior in the same score units).
     """
     _check_options(images, score, num_perturbations, lam_ratio, batch_size)
-    view = inference_view(model)
-    _, suffix = cached_split(view, layer)
     N = num_perturbations
-    A = layer_activations(view, images, layer)
+    suffix, A, t = _layer_and_target(model, images, layer, target, "per-image CHIP")
     with torch.no_grad():
-        if A.dim() != 4:
-            raise ValueError(f"layer {layer!r} gives {list(A.shape)}; per-image CHIP needs [B, K, h, w]")
-        t = resolve_target(target, suffix(A.clone()))
         B, K = A.shape[:2]
         if prior is not None and tuple(prior.shape) != (B, K):
             raise ValueError(f"prior must be Tensor[B, K] = [{B}, {K}]; got {list(prior.shape)}")
@@ -156,13 +165,8 @@ def region_chip_weights(model: nn.Module, images: Tensor, layer: str, target: Ta
     _check_options(images, score, num_perturbations, lam_ratio, batch_size)
     if cell is not None and (not isinstance(cell, int) or isinstance(cell, bool) or cell < 1):
         raise ValueError(f"cell must be None or a positive int (layer positions per cell side); got {cell!r}")
-    view = inference_view(model)
-    _, suffix = cached_split(view, layer)
-    A = layer_activations(view, images, layer)
+    suffix, A, t = _layer_and_target(model, images, layer, target, "region CHIP")
     with torch.no_grad():
-        if A.dim() != 4:
-            raise ValueError(f"layer {layer!r} gives {list(A.shape)}; region CHIP needs [B, K, h, w]")
-        t = resolve_target(target, suffix(A.clone()))
         B, _, h, w = A.shape
         if cell is None:
             cell = auto_cell(h, w, num_perturbations)
