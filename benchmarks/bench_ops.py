@@ -129,7 +129,7 @@ def bench_gate_pool(device, B, N, K, H, W, dtype, repeat, use_compile) -> dict:
 # ------------------------------------------------------------------------------------ gram_accumulate
 
 
-def eager_gram_float32(G, b, y, n, a, gates, h, f, g):
+def eager_gram_float32(G, b, y, n, zs, gs, a, gates, h, f, g):
     """What a user would write with float32 batch work and float64 sums (no custom kernel)."""
     z = gates.float() * a.unsqueeze(1)
     M = (z * h.unsqueeze(2)).transpose(1, 2) @ z
@@ -138,6 +138,8 @@ def eager_gram_float32(G, b, y, n, a, gates, h, f, g):
     b += torch.einsum("snc,snk->ck", w * g, z).double()
     y += (w * g * g).sum(dim=(0, 1)).double()
     n += w.sum(dim=(0, 1)).double()
+    zs += torch.einsum("snc,snk->ck", w, z).double()  # first moments (fit_intercept)
+    gs += (w * g).sum(dim=(0, 1)).double()
 
 
 def bench_gram(device, B, N, K, C, repeat, use_compile) -> dict:
@@ -147,15 +149,15 @@ def bench_gram(device, B, N, K, C, repeat, use_compile) -> dict:
     f = torch.softmax(torch.randn(B, C, device=device), 1)
     g = torch.softmax(torch.randn(B, N, C, device=device), 2)
     P = packed_size(K)
-    # useful FLOPs: M_s (B*N*P multiply-adds), F^T M (C*B*P), U^T Z (C*B*N*K)
-    flops = 2 * (B * N * P + C * B * P + C * B * N * K)
+    # useful FLOPs: M_s (B*N*P multiply-adds), F^T M (C*B*P), U^T Z and W^T Z (2*C*B*N*K: Σfhgz, Σfhz)
+    flops = 2 * (B * N * P + C * B * P + 2 * C * B * N * K)
 
     acc = chip_ext.new_accumulators(C, K, device)
     Cr = min(C, 64)  # the float64 reference on the CPU checks the first 64 classes (each class is independent)
     ref = chip_ext.new_accumulators(Cr, K, "cpu")
     chip_ext.gram_accumulate(*acc, a, gates, h, f, g)
     gram_accumulate_reference(*ref, a.cpu(), gates.cpu(), h.cpu(), f[:, :Cr].cpu(), g[..., :Cr].contiguous().cpu())
-    errors = {name: float((x[:Cr].cpu() - r).norm() / r.norm()) for name, x, r in zip("Gbyn", acc, ref)}
+    errors = {name: float((x[:Cr].cpu() - r).norm() / r.norm()) for name, x, r in zip(("G", "b", "y", "n", "zs", "gs"), acc, ref)}
     del ref
 
     impls = {

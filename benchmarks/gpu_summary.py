@@ -36,6 +36,17 @@ def main(out_dir: str) -> int:
     rows.append(("bf16 / fp32 matmul (ceiling)",
                  f"{ceil.get('matmul_bfloat16_TFLOPs', float('nan')):.0f} / "
                  f"{ceil.get('matmul_float32_TFLOPs', float('nan')):.0f} TFLOP/s", ""))
+    cmp = load(d / "gpu_vs_cpu.json")
+    if cmp is None:
+        rows.append(("gpu_vs_cpu", "MISSING", ""))
+    else:
+        for name, r in cmp["runs"].items():
+            if name == "cpu":
+                continue
+            rows.append((f"W {name} vs cpu ({cmp['layer']}, {cmp['images']} images)",
+                         f"rel {r['W_rel_frobenius']:.1e}, max {r['W_max_abs_diff_over_max_abs']:.1e}, "
+                         f"{r['sign_flips']} sign / {r['support_changes']} support flips",
+                         f"maps max |d| {r['map_max_abs_diff']:.1e}" if "map_max_abs_diff" in r else ""))
     ops = load(d / "bench_ops_gpu.json")
     if ops is None:
         rows.append(("bench_ops", "MISSING", ""))

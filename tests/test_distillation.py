@@ -11,6 +11,7 @@ import chip_ext
 from chip_ext.fingerprints import model_fingerprint
 from chip_ext.streaming import images_of
 from chip_ext.split import SplitError
+from conftest import devices
 
 
 class Planted(nn.Module):
@@ -706,3 +707,32 @@ def test_matches_a_brute_force_eq_11_with_sklearn(sigma, target):
         got = imp.weights[layer][row].double().numpy()
         if wrong != "chosen softmax" or target == "prob":
             assert np.abs(got - other).max() > 1e-3 * np.abs(other).max(), wrong
+
+
+@pytest.mark.parametrize("device", devices())
+def test_same_importance_on_every_device(device, tmp_path):
+    """distill(device=...) on the GPU (CUDA gate_pool / gram_accumulate, float32 per-batch stages, the
+    solve on the GPU) gives the CPU's W, intercepts and λ from the same images and gates; the user's
+    model stays where it was, and the GPU's checkpoint re-solves on the CPU to the same W.
+    cuDNN's TF32 convolutions are switched off here: they change the network's own outputs (~1e-3),
+    which is not what this compares."""
+    model, data = SmallCNN(), batches(4)
+    common = dict(num_perturbations=8, progress=False, lam_ratio=0.02, **TIGHT)
+    cpu = chip_ext.distill(model, data, ["relu1", "relu2"], device="cpu", **common)
+    ck = tmp_path / "run.ckpt"
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        dev = chip_ext.distill(model, data, ["relu1", "relu2"], device=device, checkpoint=ck, **common)
+    assert next(model.parameters()).device.type == "cpu"
+    assert dev.meta["device"].startswith(device)
+    for layer in ("relu1", "relu2"):
+        W, ref = dev.weights[layer].cpu().double(), cpu.weights[layer].double()
+        assert float((W - ref).norm() / ref.norm()) < 1e-4, layer
+        assert int(((W > 0) & (ref < 0)).sum() + ((W < 0) & (ref > 0)).sum()) == 0, layer  # no sign flips
+        torch.testing.assert_close(dev.intercepts[layer].cpu().double(), cpu.intercepts[layer].double(),
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.as_tensor(dev.meta["lam_per_class"][layer]).double(),
+                                   torch.as_tensor(cpu.meta["lam_per_class"][layer]).double(), rtol=1e-5, atol=0)
+    again = chip_ext.distill(model, [], ["relu1", "relu2"], device="cpu", checkpoint=ck, **common)
+    for layer in ("relu1", "relu2"):
+        W, ref = again.weights[layer].double(), dev.weights[layer].cpu().double()
+        assert float((W - ref).norm() / ref.norm()) < 1e-6, layer

@@ -4,6 +4,7 @@ import torch
 
 import chip_ext
 from chip_ext import Importance, baselines as bl
+from conftest import devices
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +258,22 @@ def test_region_chip_method_equals_the_function(model, importance):
         chip_ext.explain(model, x, importance, method="region_chip", target=3, cell=0)
     with pytest.raises(ValueError, match="'eight'"):
         chip_ext.explain(model, x, importance, method="region_chip", target="eight")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("method, options", [
+    ("chip", {}), ("refined", {}), ("image_chip", {"num_perturbations": 32}),
+    ("region_chip", {"num_perturbations": 32, "cell": 1}),
+])
+def test_same_maps_on_every_device(model, importance, device, method, options):
+    """A model and images on the GPU (the importance stays on the CPU, as loaded) give the CPU's maps,
+    on the images' device. cuDNN's TF32 convolutions are off: they change the network itself."""
+    import copy
+
+    x = images()
+    want = chip_ext.explain(model, x, importance, method=method, target=[3, 7], **options)
+    on = copy.deepcopy(model).to(device)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        got = chip_ext.explain(on, x.to(device), importance, method=method, target=[3, 7], **options)
+    assert got.device.type == device and got.shape == want.shape
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-4)

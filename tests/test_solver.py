@@ -7,6 +7,7 @@ import torch
 from sklearn.linear_model import Lasso, LinearRegression
 
 from chip_ext.solver import admm_lasso, center, lambda_max, polish_support
+from conftest import devices
 
 
 def weighted_problems(C, K, S=200, seed=0, offset=0.3, intercept=0.0):
@@ -311,3 +312,23 @@ def test_over_relaxation_changes_the_path_not_the_solution():
     assert rel_err(W2.numpy(), W1.numpy()) < 1e-5
     with pytest.raises(ValueError, match=r"relaxation must be in \(0, 2\); got 2.0"):
         admm_lasso(G, b, lam, relaxation=2.0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("positive, fit_intercept", [(False, False), (True, False), (False, True), (True, True)])
+def test_same_solution_on_every_device(device, positive, fit_intercept):
+    """The batched ADMM (cached factors, rho balancing, polishing) gives the CPU's float64 solution
+    on the GPU, within the tolerance it converged to; W and the intercepts stay on the device."""
+    _, G, b, xm, ym = weighted_problems(C=6, K=40, seed=3, intercept=0.5)
+    means = dict(x_mean=xm, y_mean=ym) if fit_intercept else {}
+    lam = 0.05 * lambda_max(b, positive=positive, **means)
+    ref, ref_info = admm_lasso(G, b, lam, positive=positive, fit_intercept=fit_intercept, tol=1e-10, **means)
+    on = {k: v.to(device) for k, v in means.items()}
+    W, info = admm_lasso(G.to(device), b.to(device), lam.to(device), positive=positive,
+                         fit_intercept=fit_intercept, tol=1e-10, **on)
+    assert W.device.type == device and W.dtype == torch.float64
+    assert bool(info.converged.all()) and bool(ref_info.converged.all())
+    assert rel_err(W.cpu().numpy(), ref.numpy()) < 1e-7
+    assert torch.equal(W.cpu() != 0, ref != 0)  # the same support
+    if fit_intercept:
+        torch.testing.assert_close(info.intercept.cpu(), ref_info.intercept, rtol=1e-7, atol=1e-9)
