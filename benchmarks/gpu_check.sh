@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_check.sh             # on the device (writes to $OUT, else benchmarks/results)
 #   bash benchmarks/gpu_check.sh --dry-run   # here, on the CPU: every step at tiny sizes, no build,
 #                                            # into /tmp/gpu_check_dry (checks the script itself)
+#   GPU_CHECK_STEPS=tests,ops,distill,distill_large bash benchmarks/gpu_check.sh   # a rerun of some steps
+#     (steps: tests ceilings compare ops solver distill distill_large; default all but distill_large;
+#      the JSON of a rerun is named *_rerun.json)
 #
 # What the device call carries (ignored by git; prepare with `bash benchmarks/gpu_carry.sh`):
 #   .gpu_carry/site/   timm and the efficientnet-lite0 weights package (PYTHONPATH)
@@ -18,6 +21,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
+STEPS=",${GPU_CHECK_STEPS:-tests,ceilings,compare,ops,solver,distill},"
+want() { [[ "$STEPS" == *",$1,"* ]]; }
+SUFFIX=""; [[ -n "${GPU_CHECK_STEPS:-}" ]] && SUFFIX="_rerun"
 if (( DRY )); then
   OUT_DIR=/tmp/gpu_check_dry; rm -rf "$OUT_DIR"; DEV=cpu
   PY="${PYTHON:-.venv/bin/python}"
@@ -55,10 +61,13 @@ else
 fi
 $PY -m chip_ext info
 
+if want tests; then
 step "CUDA tests (pytest -m cuda)"
 run 150 $PY -m pytest -q -m cuda -p no:cacheprovider -rfEs --durations=8 tests > "$OUT_DIR/gpu_pytest.log" 2>&1
 tail -25 "$OUT_DIR/gpu_pytest.log"
+fi
 
+if want ceilings; then
 step "ceilings: device-to-device copy and matmul"
 run 45 $PY - "$DEV" "$DRY" <<'PYEOF' | tee "$OUT_DIR/gpu_ceilings.txt"
 import sys, time, torch
@@ -82,26 +91,43 @@ for dt in (torch.bfloat16, torch.float32):
     a = torch.randn(m, m, device=dev, dtype=dt); b = torch.randn_like(a)
     sec = t(lambda: a @ b); print(f"matmul_{str(dt).split('.')[1]}_TFLOPs {2 * m**3 / sec / 1e12:.2f}")
 PYEOF
+fi
 
+if want compare; then
 step "W on the GPU against W on the CPU (EfficientNet-Lite0 blocks.6, shared train images in $TRAIN)"
 run 120 $PY benchmarks/gpu_vs_cpu.py --device "$DEV" --data "$TRAIN" --per-class $(( DRY ? 1 : 5 )) \
-    --out "$OUT_DIR/gpu_vs_cpu.json"
+    --out "$OUT_DIR/gpu_vs_cpu$SUFFIX.json"
+fi
 
+if want ops; then
 step "bench_ops"
 if (( DRY )); then OPS=(--batch 2 --gram-batch 2 --repeat 1); else OPS=(); fi
-run 90 $PY benchmarks/bench_ops.py --device "$DEV" --no-compile "${OPS[@]}" --out "$OUT_DIR/bench_ops_gpu.json" | tail -15
+run 90 $PY benchmarks/bench_ops.py --device "$DEV" --no-compile "${OPS[@]}" --out "$OUT_DIR/bench_ops_gpu$SUFFIX.json" | tail -15
+fi
 
+if want solver; then
 step "bench_solver (planted; synthetic C=1000, K=512, float64, tol 1e-7)"
 if (( DRY )); then SOL=(--classes 20 --channels 32 --images 4 --perturbations 8 --naive-classes 2 --sklearn-classes 1)
 else SOL=(--naive-classes 200 --sklearn-classes 5); fi
 run 100 $PY benchmarks/bench_solver.py --device "$DEV" "${SOL[@]}" --skip-real \
-    --out "$OUT_DIR/bench_solver_gpu.json" | tail -8
+    --out "$OUT_DIR/bench_solver_gpu$SUFFIX.json" | tail -8
+fi
 
+if want distill; then
 step "bench_distill (VGG16 conv5_3 and conv1_2, ResNet-50 layer4; fp32 and bf16 autocast)"
 if (( DRY )); then DIS=(--size 32 --perturbations 4 --classes 10 --images 2 --batch 2 --naive-images 1)
 else DIS=(--size 224 --perturbations 100 --classes 1000 --images 64 --batch 16); fi
 run 150 $PY benchmarks/bench_distill.py --device "$DEV" --models vgg16,vgg16_conv1_2,resnet50 "${DIS[@]}" \
-    --out "$OUT_DIR/bench_distill_gpu.json" | tail -12
+    --out "$OUT_DIR/bench_distill_gpu$SUFFIX.json" | tail -12
+fi
+
+if want distill_large; then
+step "bench_distill at scale: 512 images in batches of 64 (VGG16 conv5_3, ResNet-50 layer4)"
+if (( DRY )); then DIS=(--size 32 --perturbations 4 --classes 10 --images 4 --batch 2 --naive-images 1)
+else DIS=(--size 224 --perturbations 100 --classes 1000 --images 512 --batch 64); fi
+run 150 $PY benchmarks/bench_distill.py --device "$DEV" --models vgg16,resnet50 "${DIS[@]}" \
+    --out "$OUT_DIR/bench_distill_gpu_512.json" | tail -8
+fi
 
 step "summary"
 $PY benchmarks/gpu_summary.py "$OUT_DIR"

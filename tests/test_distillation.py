@@ -730,8 +730,9 @@ def test_same_importance_on_every_device(device, tmp_path):
         assert int(((W > 0) & (ref < 0)).sum() + ((W < 0) & (ref > 0)).sum()) == 0, layer  # no sign flips
         torch.testing.assert_close(dev.intercepts[layer].cpu().double(), cpu.intercepts[layer].double(),
                                    rtol=1e-4, atol=1e-6)
+        # λ = lam_ratio · λ_max ∝ max |b|: the float32 stages move it as much as W (2e-5 seen on an H200)
         torch.testing.assert_close(torch.as_tensor(dev.meta["lam_per_class"][layer]).double(),
-                                   torch.as_tensor(cpu.meta["lam_per_class"][layer]).double(), rtol=1e-5, atol=0)
+                                   torch.as_tensor(cpu.meta["lam_per_class"][layer]).double(), rtol=1e-4, atol=0)
     again = chip_ext.distill(model, [], ["relu1", "relu2"], device="cpu", checkpoint=ck, **common)
     for layer in ("relu1", "relu2"):
         W, ref = again.weights[layer].double(), dev.weights[layer].cpu().double()

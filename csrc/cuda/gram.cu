@@ -1,6 +1,6 @@
 // gram_accumulate on CUDA.
 //
-// For a chunk of images s (temporaries bounded by kGramWorkspaceBytes):
+// For a chunk of images s (temporaries bounded by kGramWorkspaceBytes, or a quarter of G's bytes if more):
 //   M_s = pack_triu((D_s^T diag(h_s) D_s) ⊙ a_s a_s^T)   weighted_gram_kernel, float32   [Bc, P]
 //   G  += F^T M                                          float64 GEMM straight into the sums
 //   b  += U^T Z,  n += F^T sum_n h,  zs += F^T (sum_n h_sn z_sn)     float64 GEMM/GEMV
@@ -91,8 +91,13 @@ void gram_accumulate_cuda(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tenso
   TORCH_CHECK_VALUE(K <= 46340, "gram_accumulate: K=", K, " is too large (K^2 must fit in 31 bits)");
 
   // bytes of temporaries per image: M (float32 and float64), d, Z (both), U (both), U*g, f (float64).
+  // Every chunk reads and writes all of G ([C, P] float64) once in G += F^T M, a GEMM whose inner
+  // dimension is the chunk: with few images per chunk it is bound by G's traffic, not arithmetic
+  // (ResNet-50 layer4, C=1000: G is 16.8 GB; 256 MiB gave chunks of 8 images, 8 passes over G for 64
+  // images, 87 ms on an H200). So the workspace grows with G, up to a quarter of G's own size.
   const int64_t per_image = 12 * P + 16 * N * K + 16 * N * C + 8 * C;
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>({B, kGramWorkspaceBytes / per_image, 65535}));
+  const int64_t workspace = std::max<int64_t>(kGramWorkspaceBytes, G.numel() * int64_t(sizeof(double)) / 4);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>({B, workspace / per_image, 65535}));
   const int ntiles = int((K + kTile - 1) / kTile);
   const int64_t tile_pairs = int64_t(ntiles) * (ntiles + 1) / 2;
   auto stream = at::cuda::getCurrentCUDAStream();
