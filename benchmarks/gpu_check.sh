@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # here, on the CPU: every step at tiny sizes, no build,
 #                                            # into /tmp/gpu_check_dry (checks the script itself)
 #   GPU_CHECK_STEPS=tests,ops,distill,distill_large bash benchmarks/gpu_check.sh   # a rerun of some steps
-#     (steps: tests ceilings compare ops solver distill distill_large; default all but distill_large;
+#     (steps: tests ceilings compare ops solver distill explain distill_large; default all but distill_large;
 #      the JSON of a rerun is named *_rerun.json)
 #
 # What the device call carries (ignored by git; prepare with `bash benchmarks/gpu_carry.sh`):
@@ -21,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
-STEPS=",${GPU_CHECK_STEPS:-tests,ceilings,compare,ops,solver,distill},"
+STEPS=",${GPU_CHECK_STEPS:-tests,ceilings,compare,ops,solver,distill,explain},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 SUFFIX=""; [[ -n "${GPU_CHECK_STEPS:-}" ]] && SUFFIX="_rerun"
 if (( DRY )); then
@@ -119,6 +119,13 @@ if (( DRY )); then DIS=(--size 32 --perturbations 4 --classes 10 --images 2 --ba
 else DIS=(--size 224 --perturbations 100 --classes 1000 --images 64 --batch 16); fi
 run 150 $PY benchmarks/bench_distill.py --device "$DEV" --models vgg16,vgg16_conv1_2,resnet50 "${DIS[@]}" \
     --out "$OUT_DIR/bench_distill_gpu$SUFFIX.json" | tail -12
+fi
+
+if want explain; then
+step "explain: ms per image for each method (EfficientNet-Lite0, batches of 16)"
+if (( DRY )); then EXP=(--per-class 1 --batch 2 --repeats 1); else EXP=(); fi
+run 120 $PY -W ignore::UserWarning benchmarks/bench_explain_speed.py --device "$DEV" --data "$TRAIN" "${EXP[@]}" \
+    --out "$OUT_DIR/explain_speed_gpu$SUFFIX.json"
 fi
 
 if want distill_large; then

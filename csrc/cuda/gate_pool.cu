@@ -115,17 +115,20 @@ __global__ void gate_pool_kernel(const scalar_t* __restrict__ A, const gate_t* _
           // NHWC: consecutive elements are consecutive channels (wrapping at K to the next pixel).
           // NCHW: at most two channels in one vector, the second starting at split.
           V w;
+          if (NHWC) {
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            uint32_t c;
-            if (NHWC) {
-              c = ch[j] + i;
+            for (int i = 0; i < VEC; ++i) {
+              uint32_t c = ch[j] + i;
               if (c >= uint32_t(K)) c -= uint32_t(K);
-            } else {
-              c = ch[j] + (uint32_t(i) >= split[j] ? 1u : 0u);
+              w.v[i] = static_cast<scalar_t>(static_cast<float>(r[j].v[i]) * static_cast<float>(gn[c]));
             }
-            const float gv = static_cast<float>(gn[c]);
-            w.v[i] = static_cast<scalar_t>(static_cast<float>(r[j].v[i]) * gv);
+          } else {
+            // the vector's (at most) two gates, read once each rather than once per element
+            const float g0 = static_cast<float>(gn[ch[j]]);
+            const float g1 = split[j] < uint32_t(VEC) ? static_cast<float>(gn[ch[j] + 1]) : g0;
+#pragma unroll
+            for (int i = 0; i < VEC; ++i)
+              w.v[i] = static_cast<scalar_t>(static_cast<float>(r[j].v[i]) * (uint32_t(i) < split[j] ? g0 : g1));
           }
           *reinterpret_cast<V*>(out_n + e) = w;
         }
