@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .fingerprints import image_fingerprint
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -32,6 +34,14 @@ def layer_key(layer: str) -> int:
 def image_seed(seed: int, layer: str, index: int) -> int:
     """The 63-bit seed of one image's gates: a hash of (seed, layer, global image index)."""
     return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ layer_key(layer)) ^ index) >> 1
+
+
+def content_keys(images: Tensor) -> list[int]:
+    """One gate-stream key per image, from its values (`fingerprints.image_fingerprint`: shape, dtype,
+    bytes): the per-image fits key their gates by it, so an image gets the same gates, and the same map,
+    whatever else is in its batch and wherever it sits; different images get independent draws.
+    images: Tensor[B, ...] -> B non-negative ints below 2^63."""
+    return [int(image_fingerprint(x), 16) >> 1 for x in images]
 
 
 GATE_STREAM = "mix32-v2"  # the gate stream's version, recorded with every distillation

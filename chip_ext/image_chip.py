@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .gates import default_sigma, proximity, sample_gates
+from .gates import content_keys, default_sigma, proximity, sample_gates
 from .maps import Target, cached_split, check_images, inference_view, layer_activations, normalize_maps, resolve_target
 from .solver import admm_lasso, lambda_max
 
@@ -83,7 +83,8 @@ def image_chip_weights(model: nn.Module, images: Tensor, layer: str, target: Tar
     activations A Tensor[B, K, h, w], targets Tensor[B]).
 
     num_perturbations: N gated networks per image (row 0 the unperturbed one); gates as in
-        distillation (`gates.sample_gates`, keyed by seed, layer and the image's position in the batch).
+        distillation (`gates.sample_gates`, keyed by seed, layer and the image's values,
+        `gates.content_keys`: a map does not depend on the rest of the batch).
     lam_ratio: λ as a fraction of the image's λ_max. score: "logit" or "prob" (softmax) of the target.
     fit_intercept: an unpenalised intercept (the score with every channel off is not forced to 0).
     prior: Tensor[B, K] or None; with it the penalty is |w - prior|_1 (prior in the same score units).
@@ -95,7 +96,8 @@ def image_chip_weights(model: nn.Module, images: Tensor, layer: str, target: Tar
         B, K = A.shape[:2]
         if prior is not None and tuple(prior.shape) != (B, K):
             raise ValueError(f"prior must be Tensor[B, K] = [{B}, {K}]; got {list(prior.shape)}")
-        gates = sample_gates(range(B), N, K, seed=seed, layer=layer, max_drop=max_drop, device=A.device)
+        gates = sample_gates(content_keys(images), N, K, seed=seed, layer=layer, max_drop=max_drop,
+                             device=A.device)
         g = _gated_scores(suffix, A, gates.to(A.dtype)[:, :, :, None, None], t, score, batch_size)
         a = A.double().mean(dim=(2, 3))  # [B, K]
         z = gates.double() * a[:, None, :]  # [B, N, K]
@@ -154,7 +156,7 @@ def region_chip_weights(model: nn.Module, images: Tensor, layer: str, target: Ta
     CHIP's gates over space instead of channels: the layer's map is cut into cells of cell × cell
     positions (gh × gw = ceil(h / cell) × ceil(w / cell) of them); each of N perturbations switches a
     random subset of cells off (every channel there set to 0; gates as `gates.sample_gates` over the R =
-    gh·gw cells, keyed by seed, layer + "#cells" and the image's position in the batch), the suffix runs,
+    gh·gw cells, keyed by seed, layer + "#cells" and the image's values), the suffix runs,
     and the same proximity-weighted Lasso regresses the score on the binary cell gates. β_r is then what
     cell r contributes: a measured, non-linear counterpart of HiResCAM's Σ_k ∂y/∂A_k(r) · A_k(r).
     cell: None (default) picks the smallest cell with no more cells than perturbations (R <= N, so the
@@ -171,7 +173,7 @@ def region_chip_weights(model: nn.Module, images: Tensor, layer: str, target: Ta
         if cell is None:
             cell = auto_cell(h, w, num_perturbations)
         gh, gw = -(-h // cell), -(-w // cell)
-        gates = sample_gates(range(B), num_perturbations, gh * gw, seed=seed, layer=f"{layer}#cells",
+        gates = sample_gates(content_keys(images), num_perturbations, gh * gw, seed=seed, layer=f"{layer}#cells",
                              max_drop=max_drop, device=A.device)
         masks = gates.to(A.dtype).view(B, num_perturbations, gh, gw)
         masks = masks.repeat_interleave(cell, 2).repeat_interleave(cell, 3)[:, :, None, :h, :w]  # [B, N, 1, h, w]

@@ -142,3 +142,23 @@ def test_region_needs_a_spatial_layer():
     model = SpatialHead().double().eval()
     with pytest.raises(ValueError, match=r"layer 'fc' gives \[2, 3\]; region CHIP needs \[B, K, h, w\]"):
         region_chip_weights(model, torch.randn(2, 3, 7, 7, dtype=torch.float64), "fc", num_perturbations=4)
+
+
+@pytest.mark.parametrize("fit", ["image", "region"])
+def test_a_map_does_not_depend_on_the_rest_of_the_batch(fit):
+    """The gates are keyed by each image's values: the same image gets the same map alone, first or last
+    in a batch; another image gets another draw of the gates."""
+    model = net()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    run = ((lambda im, t: image_chip(model, im, "act", t, num_perturbations=24)) if fit == "image" else
+           (lambda im, t: region_chip(model, im, "act", t, num_perturbations=24, cell=2)))
+    together = run(x, [0, 1, 2])
+    alone = run(x[2:3], [2])
+    reordered = run(x.flip(0), [2, 1, 0])
+    torch.testing.assert_close(alone[0], together[2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(reordered[0], together[2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(reordered[2], together[0], rtol=0, atol=1e-12)
+    from chip_ext.gates import content_keys
+
+    keys = content_keys(x)
+    assert len(set(keys)) == 3 and keys[2] == content_keys(x[2:3])[0] and all(0 <= k < 2 ** 63 for k in keys)
