@@ -15,8 +15,8 @@
 # What the device call carries (ignored by git; prepare with `bash benchmarks/gpu_carry.sh`):
 #   .gpu_carry/site/   timm and the efficientnet-lite0 weights package (PYTHONPATH)
 #   .gpu_carry/train/  a few dozen shared train images (<wnid>/<image>) for gpu_vs_cpu.py
-# At most 8 files come back from $OUT: gpu_check.log (everything printed), gpu_build.log,
-# gpu_pytest.log, gpu_ceilings.txt and the four JSON files.
+# At most 8 files come back from $OUT: gpu_check.log (everything printed), gpu_pytest.log,
+# gpu_ceilings.txt and the five JSON files (gpu_build.log only when the build fails, in place of JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -51,10 +51,11 @@ if (( DRY )); then
   step "build: skipped in a dry run (the installed chip_ext is used)"
 else
   step "build (pip install --no-build-isolation --no-deps --no-index -e .)"
-  if ! run 240 $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT_DIR/gpu_build.log" 2>&1; then
-    tail -30 "$OUT_DIR/gpu_build.log"; echo "pip install failed; trying setup.py build_ext --inplace"
-    run 240 $PY setup.py build_ext --inplace >> "$OUT_DIR/gpu_build.log" 2>&1 \
-      || { tail -40 "$OUT_DIR/gpu_build.log"; echo "BUILD FAILED"; exit 1; }
+  BUILD_LOG=/tmp/gpu_build.log; : > "$BUILD_LOG"
+  if ! run 240 $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$BUILD_LOG" 2>&1; then
+    tail -30 "$BUILD_LOG"; echo "pip install failed; trying setup.py build_ext --inplace"
+    run 240 $PY setup.py build_ext --inplace >> "$BUILD_LOG" 2>&1 \
+      || { tail -40 "$BUILD_LOG"; cp "$BUILD_LOG" "$OUT_DIR/"; echo "BUILD FAILED"; exit 1; }
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   fi
   echo "built in $SECONDS s"

@@ -95,6 +95,12 @@ def main(out_dir: str) -> int:
             sp = r["speedup_vs_naive"]
             rows.append((f"distill {r['model']} {r['layer']} vs naive", f"{sp:.1f}x",
                          "goal >= 50x: " + ("met" if sp >= 50 else "NOT met")))
+    exp = load(d / "explain_speed_gpu.json")
+    if exp is None:
+        rows.append(("explain_speed", "MISSING", ""))
+    else:
+        rows.append((f"explain, ms per image ({exp['model']}, batch {exp['batch']})",
+                     ", ".join(f"{m} {r['ms_per_image']:.2f}" for m, r in exp["methods"].items()), ""))
     width = max(len(r[0]) for r in rows)
     print("\n=== summary")
     for name, value, goal in rows:
