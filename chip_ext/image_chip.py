@@ -173,8 +173,8 @@ def region_chip_weights(model: nn.Module, images: Tensor, layer: str, target: Ta
         if cell is None:
             cell = auto_cell(h, w, num_perturbations)
         gh, gw = -(-h // cell), -(-w // cell)
-        gates = sample_gates(content_keys(images), num_perturbations, gh * gw, seed=seed, layer=f"{layer}#cells",
-                             max_drop=max_drop, device=A.device)
+        gates = sample_gates(content_keys(images), num_perturbations, gh * gw, seed=seed,
+                             layer=f"{layer}#cells", max_drop=max_drop, device=A.device)
         masks = gates.to(A.dtype).view(B, num_perturbations, gh, gw)
         masks = masks.repeat_interleave(cell, 2).repeat_interleave(cell, 3)[:, :, None, :h, :w]  # [B, N, 1, h, w]
         g = _gated_scores(suffix, A, masks, t, score, batch_size)
