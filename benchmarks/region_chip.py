@@ -14,7 +14,8 @@ broken by mean MaxBoxAcc. The evaluation half is measured by `layer_sweep.py --m
 
 The paired part measures nothing new to choose from: on the EVALUATION half, with the setting chosen here, it
 keeps every image's deletion / insertion AUC (8 steps) of region CHIP, HiResCAM, LayerCAM and CHIP at blocks.2
-and blocks.4, and counts per image which map is more faithful (exact two-sided sign test).
+and blocks.4, and counts per image which map is more faithful (exact two-sided sign test). Region CHIP's gates
+are keyed by each image's values, so these are the maps of `layer_sweep.py --methods region_chip`.
 """
 from __future__ import annotations
 
@@ -125,7 +126,10 @@ def paired(model, pre, path: Path) -> None:
     record = {"benchmark": "region_chip paired", "date": dt.date.today().isoformat(),
               "machine": f"CPU (2-core AMD EPYC), {torch.get_num_threads()} threads", "model": q.MODEL,
               "half": "evaluation (odd indices)", "deletion_step_pixels": STEP, "per_image": {}, "paired": {},
-              "note": "region CHIP with its defaults (chosen on the calibration half); nothing chosen here"}
+              "note": "region CHIP with its defaults (chosen on the calibration half); nothing chosen here. "
+                      "Its gates are keyed by each image's values (gates.content_keys, since 2026-11-27), so its "
+                      "maps are layer_sweep.py's region_chip maps; before, they were keyed by batch position and "
+                      "this was a second draw"}
     for layer in ("blocks.2", "blocks.4"):
         fns = evaluation.standard_methods(model, ["region_chip", "hirescam", "layercam", "chip"], importance=imp,
                                           layer=layer)
