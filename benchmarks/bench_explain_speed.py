@@ -25,7 +25,7 @@ from chip_ext import baselines, data, models
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ops import device_name, sync  # noqa: E402
 
-METHODS = {  # name -> (layer, explain options); region/image CHIP at their defaults (N=256)
+METHODS = {  # name -> (layer, explain options); image CHIP (N=128) and region CHIP (N=256) at their defaults
     "chip": ("bn2", {}), "refined": (None, {}), "image_chip": ("blocks.6", {}),
     "region_chip@blocks.4": ("blocks.4", {}), "region_chip@blocks.6": ("blocks.6", {}),
 }
@@ -70,7 +70,7 @@ def main() -> int:
     record = {"benchmark": "explain_speed", "device": device_name(dev), "torch": torch.__version__,
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
               "model": "efficientnet_lite0", "batch": args.batch, "methods": rows,
-              "note": "best of --repeats; target given; region/image CHIP at N=256 (their defaults)"}
+              "note": "best of --repeats; target given; image CHIP at N=128 and region CHIP at N=256 (their defaults)"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")
