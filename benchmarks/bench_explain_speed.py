@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import chip_ext
 from chip_ext import baselines, data, models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import device_name, sync  # noqa: E402
+from bench_ops import device_name, timeit  # noqa: E402
 
 METHODS = {  # name -> (layer, explain options); image CHIP (N=128) and region CHIP (N=256) at their defaults
     "chip": ("bn2", {}), "refined": (None, {}), "image_chip": ("blocks.6", {}),
@@ -57,15 +56,8 @@ def main() -> int:
     calls["gradcam@blocks.6"] = lambda: baselines.gradcam(model, x, "blocks.6", target=torch.tensor(target, device=dev))
     rows = {}
     for name, fn in calls.items():
-        fn()  # warm-up (tracing, kernels)
-        times = []
-        for _ in range(args.repeats):
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            times.append(time.perf_counter() - t0)
-        rows[name] = {"ms_per_image": min(times) / args.batch * 1e3, "seconds": times}
+        t = timeit(fn, dev, args.repeats)  # one warm-up call (tracing, kernels), then the timed ones
+        rows[name] = {"ms_per_image": t["min_s"] / args.batch * 1e3, **t}
         print(f"{name:<22} {rows[name]['ms_per_image']:9.2f} ms/image", flush=True)
     record = {"benchmark": "explain_speed", "device": device_name(dev), "torch": torch.__version__,
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),

@@ -40,8 +40,8 @@ def content_keys(images: Tensor) -> list[int]:
     """One gate-stream key per image, from its values (`fingerprints.image_fingerprint`: shape, dtype,
     bytes): the per-image fits key their gates by it, so an image gets the same gates, and the same map,
     whatever else is in its batch and wherever it sits; different images get independent draws.
-    images: Tensor[B, ...] -> B non-negative ints below 2^63."""
-    return [int(image_fingerprint(x), 16) >> 1 for x in images]
+    images: Tensor[B, ...] -> B non-negative ints below 2^63 (one copy of the batch to the host)."""
+    return [int(image_fingerprint(x), 16) >> 1 for x in images.detach().cpu()]
 
 
 GATE_STREAM = "mix32-v2"  # the gate stream's version, recorded with every distillation
