@@ -28,9 +28,9 @@ from . import distributed
 from .fingerprints import image_fingerprint, model_fingerprint  # noqa: F401  (re-exported)
 from .gates import GATE_STREAM
 from .importance import Importance
-from .maps import inference_view
+from .maps import inference_view, split_on
 from .memory import default_memory_budget
-from .split import default_layer, split
+from .split import default_layer
 from .streaming import LayerState, Run, Stages, images_of  # noqa: F401  (images_of re-exported)
 
 DEFAULT_LAM_RATIO = 0.03  # chosen on the calibration half (README: why these defaults)
@@ -234,7 +234,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     view = inference_view(model, device)
     states = []
     for layer in layer_list:
-        prefix, suffix = split(view, layer)
+        prefix, suffix = split_on(model, view, layer)  # traced once per model, not once per call
         states.append(LayerState(layer, prefix, suffix))
 
     config = {

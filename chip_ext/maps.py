@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .split import split
+from .split import split, structure as _structure
 
 Target = int | Sequence[int] | Tensor | None
 
@@ -74,26 +74,37 @@ def upsample(maps: Tensor, size, mode: str = "bilinear") -> Tensor:
     return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode=mode, **kw).squeeze(1)
 
 
+# a map whose span is within this many float32 ulps of its magnitude is constant: bilinear upsampling
+# of a constant map leaves rounding ripples (~1e-9) that min-max would stretch to full contrast
+CONSTANT_ULPS = 8
+
+
+def constant_maps(maps: Tensor) -> Tensor:
+    """Tensor[B] bool: which maps (Tensor[B, h, w]) are constant up to rounding."""
+    flat = maps.reshape(maps.shape[0], -1).float()
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    scale = torch.maximum(lo.abs(), hi.abs())
+    return (hi - lo) <= CONSTANT_ULPS * torch.finfo(torch.float32).eps * scale
+
+
 def normalize_maps(maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-    """maps: Tensor[B, h, w] -> bilinear to `size`, then per-image min-max to [0, 1] (constant -> 0)."""
+    """maps: Tensor[B, h, w] -> bilinear to `size`, then per-image min-max to [0, 1]. A constant map
+    (at its own resolution or after upsampling, up to rounding: `constant_maps`) becomes zeros."""
+    flat_before = constant_maps(maps)
     if size is not None and tuple(maps.shape[-2:]) != tuple(size):
         maps = upsample(maps, size)
     flat = maps.reshape(maps.shape[0], -1)
     lo = flat.min(dim=1).values[:, None, None]
     hi = flat.max(dim=1).values[:, None, None]
     span = hi - lo
-    return torch.where(span > 0, (maps - lo) / torch.where(span > 0, span, torch.ones_like(span)),
-                       torch.zeros_like(maps))
+    ok = ((span > 0) & ~(flat_before | constant_maps(maps))[:, None, None])
+    return torch.where(ok, (maps - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(maps))
 
 
 # ------------------------------------------------------------------------------ inference view
 
 _VIEWS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
-
-
-def _structure(model: nn.Module) -> tuple:
-    return tuple(id(m) for m in model.modules())
 
 
 def _twin(module: nn.Module, device: torch.device | None, moved: dict, own_hooks: bool = False) -> nn.Module:
@@ -168,6 +179,17 @@ def cached_split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.Graph
         with _LOCK:
             per_model[("split", layer)] = hit
     return hit[1], hit[2]
+
+
+def split_on(model: nn.Module, view: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(prefix, suffix) of `model` at `layer`, running `view` (an inference view of the model, e.g. its
+    copy on another device): traced once on the shared view (`cached_split`), the graphs bound to
+    `view`'s modules, so a new view is never traced again."""
+    shared = inference_view(model)
+    prefix, suffix = cached_split(shared, layer)
+    if view is shared:
+        return prefix, suffix
+    return tuple(fx.GraphModule(view, copy.deepcopy(gm.graph), type(gm).__name__) for gm in (prefix, suffix))
 
 
 # ------------------------------------------------------------------------------ shared activations

@@ -6,10 +6,21 @@ The layer named is kept whole (a leaf of the trace), as is every module without 
 models whose modules branch on input sizes (timm's Conv2dSame) still trace. The cut is clean when
 nothing computed before it, other than the layer's output, is used after it (a skip connection
 around the layer makes the cut unclean); otherwise an error lists clean cut points nearby.
+
+Threads. torch.fx's symbolic tracing replaces `torch.nn.Module.__call__` and `__getattr__` for the
+whole process while it traces. chip_ext's tracer hands every module call and attribute read made by
+any other thread straight to torch's own methods, so a forward running in another thread (the
+user's, or chip_ext's on a traced model) is unaffected; chip_ext's traces never overlap (a lock,
+so the process-wide patches are made and undone in order); and each model is traced once per
+structure and layer (`cached_trace`: the traces are remembered per model, weakly). A torch.fx trace
+that the user's own code starts in another thread at the same time is outside this guarantee:
+torch.fx itself is not thread-safe.
 """
 from __future__ import annotations
 
 import difflib
+import threading
+import weakref
 
 import torch
 from torch import fx, nn
@@ -19,10 +30,20 @@ class SplitError(ValueError):
     """The model cannot be split at the requested layer (the message says why and what would work)."""
 
 
+_TRACE_LOCK = threading.Lock()  # one chip_ext trace at a time: torch.fx's patches are process-wide
+_TRACES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_TRACES_LOCK = threading.Lock()
+
+
 class _LeafTracer(fx.Tracer):
+    """Keeps `keep_whole` and every module without children whole. Calls and attribute reads from
+    threads other than the tracing one pass through untouched (torch.fx's patch of nn.Module is
+    process-wide); no function is auto-wrapped (torch.fx would patch module globals for it)."""
+
     def __init__(self, keep_whole: set[str]):
-        super().__init__()
+        super().__init__(autowrap_modules=(), autowrap_functions=())
         self.keep_whole = keep_whole
+        self.owner = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.keep_whole:
@@ -31,12 +52,24 @@ class _LeafTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, qualname)
 
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self.owner:  # another thread's forward: torch's own __call__
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self.owner:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
 
 def trace(model: nn.Module, keep_whole: set[str] | None = None) -> fx.GraphModule:
-    """torch.fx trace of `model`, keeping `keep_whole` and every module without children whole."""
+    """torch.fx trace of `model`, keeping `keep_whole` and every module without children whole
+    (a new trace each call; `cached_trace` remembers them)."""
     tracer = _LeafTracer(set(keep_whole or ()))
     try:
-        graph = tracer.trace(model)
+        with _TRACE_LOCK:
+            graph = tracer.trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure gets the same explanation
         raise SplitError(
             f"torch.fx could not trace {type(model).__name__} to split it: {type(err).__name__}: {err}. "
@@ -44,6 +77,25 @@ def trace(model: nn.Module, keep_whole: set[str] | None = None) -> fx.GraphModul
             "values or shapes must live inside a module without children (such modules are kept whole)."
         ) from err
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def structure(model: nn.Module) -> tuple:
+    """The identity of the module tree (a module replaced or added makes another structure)."""
+    return tuple(id(m) for m in model.modules())
+
+
+def cached_trace(model: nn.Module, keep_whole: frozenset[str] = frozenset()) -> fx.GraphModule:
+    """trace(model, keep_whole), remembered per model (weakly) while its modules stay the same
+    objects: tracing costs more than a forward, and a model is traced once, not once per call."""
+    key = ("trace", frozenset(keep_whole))
+    shape = structure(model)
+    with _TRACES_LOCK:
+        hit = _TRACES.setdefault(model, {}).get(key)
+    if hit is None or hit[0] != shape:
+        hit = (shape, trace(model, set(keep_whole)))
+        with _TRACES_LOCK:
+            _TRACES.setdefault(model, {})[key] = hit
+    return hit[1]
 
 
 def _input_dependent(nodes: list[fx.Node]) -> set[fx.Node]:
@@ -66,7 +118,7 @@ def clean_cut_points(model: nn.Module, gm: fx.GraphModule | None = None) -> list
     A module qualifies when it is called once and nothing computed before its output (other than
     that output) is used after it. Containers qualify too (their output is their last node).
     """
-    gm = gm if gm is not None else trace(model)
+    gm = gm if gm is not None else cached_trace(model)
     nodes = list(gm.graph.nodes)
     dep = _input_dependent(nodes)
     last: dict[str, int] = {}
@@ -98,7 +150,7 @@ def split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]
     """Returns (prefix, suffix): prefix(x) is `layer`'s output A; suffix(A) is the model's output."""
     if layer not in dict(model.named_modules()) or layer == "":
         raise _unknown_layer(model, layer)
-    gm = trace(model, {layer})
+    gm = cached_trace(model, frozenset({layer}))
     nodes = list(gm.graph.nodes)
     cuts = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer]
     if not cuts:
@@ -194,7 +246,7 @@ def default_layer(model: nn.Module) -> str:
     and containers whose output is one (so VGG16 gives its conv5_3 ReLU 'features.29', ResNet-50
     'layer4', timm's EfficientNet-Lite0 'bn2'). Static: read off the torch.fx graph (of the model in
     its current mode: pass it in eval mode, as distill does), no forward is run."""
-    gm = trace(model)
+    gm = cached_trace(model)
     nodes = list(gm.graph.nodes)
     dep = _input_dependent(nodes)
     # the feature maps end at the first global pooling or flattening that is itself a clean cut: the

@@ -126,3 +126,35 @@ def test_a_nested_block_shares_the_outer_one(resnet):
         with shared_activations():
             assert layer_activations(view, x, "layer2") is outer
         assert layer_activations(view, x, "layer2") is outer
+
+
+def test_a_constant_map_becomes_zeros_after_upsampling():
+    """ResNet-18 on 32x32: layer4 is 1x1, every map there is constant. Bilinear upsampling left ~1e-9
+    ripples that min-max stretched to full contrast (three distinct values, rows 17-31 at 1.0)."""
+    torch.manual_seed(0)
+    model = __import__("torchvision").models.resnet18(num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    imp = Importance({"layer4": torch.rand(3, 512) + 0.1}, [0, 1, 2])
+    maps = {
+        "chip": chip_ext.explain(model, x, imp, layer="layer4", target=0),
+        "gradcam": baselines.gradcam(model, x, "layer4", 0),
+        "cam": baselines.cam(model, x, "layer4", 0),
+        "image_chip": chip_ext.explain(model, x, imp, method="image_chip", layer="layer4", target=0,
+                                       num_perturbations=8),
+    }
+    for name, m in maps.items():
+        assert m.shape == (2, 32, 32), name
+        assert torch.equal(m, torch.zeros_like(m)), f"{name}: {m.unique()[:5].tolist()}"
+
+
+def test_normalize_maps_keeps_small_real_contrast_and_zeros_rounding_ripples():
+    from chip_ext.maps import normalize_maps
+
+    ramp = torch.linspace(0, 1e-3, 16).reshape(1, 4, 4)  # small values, real contrast
+    out = normalize_maps(ramp)
+    assert out.min() == 0 and out.max() == 1
+    flat = torch.full((1, 7, 7), 0.37)
+    flat[0, 3, 3] += 6e-8  # two float32 ulps of 0.37: a rounding ripple, not a signal
+    assert torch.equal(normalize_maps(flat, (32, 32)), torch.zeros(1, 32, 32))
+    one = torch.full((1, 1, 1), 5.0)
+    assert torch.equal(normalize_maps(one, (32, 32)), torch.zeros(1, 32, 32))

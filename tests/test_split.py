@@ -125,3 +125,88 @@ def test_distill_with_the_default_layer():
                                progress=False)
     assert imp.layers == ["layer4"] and imp.meta["layers_default"] is True and imp.meta["layers"] == ["layer4"]
     assert model.training  # the model itself was not put in eval mode to find it
+
+
+# ------------------------------------------------------------------------------------- threads
+
+def _stress():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return importlib.import_module("thread_stress")
+    finally:
+        sys.path.pop(0)
+
+
+def test_threads_on_fresh_models_and_a_user_forward_loop(tmp_path):
+    """benchmarks/thread_stress.py at a size CI affords: 4 threads x 4 first-time explain/distill calls on
+    fresh ResNet-18s, twice, while another thread runs a user forward loop. Before the fix, calls failed
+    at random (NameError, SplitError, CURRENT_PATCHER) and ~94% of the user's forwards raised."""
+    stress = _stress()
+    result = stress.main(["--threads", "4", "--calls", "4", "--repetitions", "2", "--out", str(tmp_path / "r.json")])
+    s = result["summary"]
+    assert s["calls"] == 32 and s["user_forwards"] > 0
+    assert s["failed_calls"] == 0, result["repetitions"][0]["errors"]
+    assert s["result_mismatches"] == 0  # every map and W equal to the single-threaded one
+    assert s["user_failures"] == 0 and not s["left_patched"] and not s["main_thread_broken"]
+
+
+def test_a_forward_in_another_thread_during_a_trace_is_untouched():
+    """A trace patches nn.Module.__call__ process-wide; a forward made by another thread while it is
+    patched must run plainly (no NameError, no proxies)."""
+    import threading
+
+    from chip_ext.split import trace
+
+    inside, release, seen = threading.Event(), threading.Event(), {}
+    other = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(2, 4)
+
+    class Slow(nn.Module):  # a model whose trace waits while the other thread runs its forward
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            inside.set()
+            release.wait(10)
+            return self.lin(x)
+
+    def run_other():
+        inside.wait(10)
+        try:
+            seen["patched"] = torch.nn.Module.__call__ is not torch.fx._symbolic_trace._orig_module_call
+            seen["out"] = other(x)
+        except Exception as err:  # noqa: BLE001
+            seen["error"] = err
+        finally:
+            release.set()
+
+    t = threading.Thread(target=run_other)
+    t.start()
+    gm = trace(Slow())
+    t.join()
+    assert seen.get("patched") is True  # the forward did run while torch.fx had nn.Module patched
+    assert "error" not in seen, seen.get("error")
+    torch.testing.assert_close(seen["out"], other(x), rtol=0, atol=0)
+    assert any(n.op == "call_module" and n.target == "lin" for n in gm.graph.nodes)
+    assert torch.nn.Module.__call__ is torch.fx._symbolic_trace._orig_module_call
+
+
+def test_a_model_is_traced_once():
+    from chip_ext import split as split_module
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    calls = []
+    real = split_module.trace
+    split_module.trace = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        for _ in range(3):
+            chip_ext.distill(model, [torch.randn(1, 3, 32, 32)], "layer4", classes=[0], num_perturbations=2,
+                             progress=False)
+    finally:
+        split_module.trace = real
+    assert len(calls) == 1
