@@ -5,6 +5,7 @@ one file per process (or per rank under torch.distributed: `<path>.rank<r>of<wor
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -17,7 +18,8 @@ from .importance import atomic_save
 
 CHECKPOINT_FORMAT = "chip_ext.distill.checkpoint"
 # 3: the first moments Σ f h z and Σ f h g (for fit_intercept) join the sums. 1-2 lack them.
-CHECKPOINT_VERSION = 3
+# 4: the checksum covers the whole state (σ, classes, configuration), the configuration the autocast dtype.
+CHECKPOINT_VERSION = 4
 
 
 def rank_checkpoint(path: Path, rank: int, world: int, key: int | str) -> Path:
@@ -68,14 +70,73 @@ def foreign_checkpoints(path: Path, found: dict, rank: int, world: int) -> str |
 
 
 def checksum(state: dict) -> str:
-    """sha256 of the running sums (every layer's accumulators, in order) and the counters: a flipped
-    bit in the file is found on load instead of resuming with wrong sums."""
+    """sha256 of the whole state but its checksum: the running sums, the counters, the configuration,
+    σ, the classes and every other entry, so an edited or bit-flipped file is found on load instead of
+    resuming with wrong sums or settings."""
     h = hashlib.sha256()
-    h.update(f"{state['seen']}:{state['position']}:{state['complete']}".encode())
-    for name in sorted(state["layers"]):
-        for t in state["layers"][name]["acc"] or []:
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            h.update(b"{")
+            for key in sorted(value, key=str):
+                if key != "checksum":
+                    h.update(f"{key!r}:".encode())
+                    feed(value[key])
+            h.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            h.update(b"[")
+            for v in value:
+                feed(v)
+                h.update(b",")
+            h.update(b"]")
+        else:
+            h.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed(state)
     return h.hexdigest()
+
+
+class CheckpointLock:
+    """An exclusive lock on a checkpoint path for the whole run (`<path>.lock`, or one per rank under
+    torch.distributed; fcntl.flock, released by the system if the process dies): a second process
+    that would write the same checkpoint is refused with the holder's pid, instead of the two
+    overwriting each other's sums. Where fcntl does not exist (Windows) nothing is locked."""
+
+    def __init__(self, path: Path, rank: int = 0, world: int = 1):
+        path = Path(path)
+        name = f"{path.name}.lock" if world == 1 else f"{path.name}.rank{rank}of{world}.lock"
+        self.path, self.lock_path, self.fd = path, path.with_name(name), None
+
+    def __enter__(self) -> "CheckpointLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"checkpoint {self.path} is being written by another process (pid {holder}; lock "
+                             f"{self.lock_path}): two runs on one checkpoint would overwrite each other's sums. "
+                             "Wait for that run to end, or pass another checkpoint path") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def write_checkpoint(state: dict, path: Path, rank: int = 0, world: int = 1) -> Path:
@@ -101,16 +162,22 @@ def write_checkpoint(state: dict, path: Path, rank: int = 0, world: int = 1) -> 
 def read_checkpoint(path: Path, config: dict) -> dict:
     """The state in `path`, checked: a chip_ext checkpoint of this format version, written with the
     same `config` (model, layers, gates, ...). ValueError saying why otherwise."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is an empty file (0 bytes: a write that never happened?); delete it "
+                         "or pass another checkpoint path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise ValueError(f"checkpoint {path} cannot be read (corrupt or not a chip_ext checkpoint): {err}") from err
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"checkpoint {path} cannot be read (corrupt or not a chip_ext checkpoint): {reason}") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a chip_ext distillation checkpoint")
     version = state.get("version", 1)
     if version != CHECKPOINT_VERSION:
         why = ("it was written by an older chip_ext and lacks the first-moment sums (Σ f h z, Σ f h g) "
-               "that fit_intercept needs" if version < CHECKPOINT_VERSION else "it was written by a newer chip_ext")
+               "that fit_intercept needs" if version < 3 else
+               "it was written by an older chip_ext, whose checksum did not cover σ, the classes and the "
+               "configuration" if version < CHECKPOINT_VERSION else "it was written by a newer chip_ext")
         raise ValueError(f"checkpoint {path} has format version {version}; this chip_ext reads version "
                          f"{CHECKPOINT_VERSION}: {why}. Distil again with another checkpoint path "
                          "(or delete the file)")

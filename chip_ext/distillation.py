@@ -12,6 +12,7 @@ run itself is `streaming.Run` (the per-batch work and the solve), with its check
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import operator
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .checkpoints import CheckpointLock
 from .fingerprints import image_fingerprint, model_fingerprint  # noqa: F401  (re-exported)
 from .gates import GATE_STREAM
 from .importance import Importance
@@ -80,6 +82,20 @@ def _writable(path: Path) -> Path:
     except OSError as err:
         raise ValueError(f"checkpoint {path} cannot be written: {err.strerror or err} ({parent})") from None
     return path
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                   "float16": torch.float16}
+
+
+def _autocast_arg(value) -> torch.dtype | None:
+    """None, torch.bfloat16 / torch.float16, or their names ("bf16", "fp16", ...)."""
+    if value is None or value in (torch.bfloat16, torch.float16):
+        return value
+    if isinstance(value, str) and value.lower() in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[value.lower()]
+    raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16 (or 'bf16' / 'fp16'); "
+                     f"got {value!r}")
 
 
 def _score_fn(target: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -173,6 +189,9 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     if len(set(layer_list)) != len(layer_list):
         raise ValueError(f"layers has duplicates: {layer_list}")
     _int_arg("num_perturbations", num_perturbations, 1)
+    if num_perturbations < 2:
+        raise ValueError("num_perturbations must be >= 2: it counts the unperturbed network, so N=1 perturbs "
+                         "nothing and there is nothing to fit W on; got 1")
     _int_arg("max_iter", max_iter, 1)
     _int_arg("seed", seed, None)
     for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget), ("max_images", max_images)):
@@ -180,7 +199,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
             _int_arg(name, value, 1)
     _float_arg("tol", tol, positive=True)
     _float_arg("checkpoint_every", checkpoint_every, positive=False)
-    _float_arg("max_drop", max_drop, positive=False, upper=1.0)
+    _float_arg("max_drop", max_drop, positive=True, upper=1.0)  # 0 would switch no channel off
+    autocast_dtype = _autocast_arg(autocast_dtype)
     if isinstance(sigma, dict):
         unknown = [k for k in sigma if k not in layer_list]
         if unknown:
@@ -208,6 +228,12 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         if bad:
             raise TypeError(f"classes must be integer class indices; got {bad[:10]}")
         classes = [operator.index(c) for c in classes]
+        negative = [c for c in classes if c < 0]
+        if negative:
+            raise ValueError(f"classes must be model output indices >= 0; got {negative[:10]}")
+        dup = sorted({c for c in classes if classes.count(c) > 1})
+        if dup:
+            raise ValueError(f"classes has duplicates: {dup[:10]}")
     if class_names is not None:
         if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
             raise TypeError("class_names must be a list of strings")
@@ -241,7 +267,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         "layers": layer_list, "classes": None if classes is None else [int(c) for c in classes],
         "num_perturbations": num_perturbations, "sigma": sigma, "max_drop": max_drop,
         "target": _target_name(target), "seed": int(seed), "model": model_fingerprint(model),
-        "gates": GATE_STREAM,
+        "gates": GATE_STREAM, "autocast": None if autocast_dtype is None else str(autocast_dtype),
     }
     rank, world = distributed.rank_world()
     config["shard_accumulators"] = bool(shard_accumulators) and world > 1  # what the checkpoint sums mean
@@ -255,7 +281,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
                             "images_in_loader": loader_images})
         progress = progress and rank == 0
     stages = Stages(device, profile)
-    with torch.no_grad():
+    lock = CheckpointLock(checkpoint, rank, world) if checkpoint is not None else contextlib.nullcontext()
+    with lock, torch.no_grad():
         run = Run(states, config, classes, num_perturbations, sigma, max_drop, score, seed,
                    device, batch_size, memory_budget, autocast_dtype, stages, rank=rank, world=world,
                    shard=shard_accumulators)
@@ -270,7 +297,12 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
                 run.finish()
             if checkpoint is not None:
                 run.complete = True
-                run.save(checkpoint)
+                try:
+                    run.save(checkpoint)
+                except OSError as err:  # the pass is done: return W, say the sums are not saved
+                    warnings.warn(f"the pass over the images finished, but its final checkpoint could not be "
+                                  f"written ({err}); the Importance is returned, and resuming from {checkpoint} "
+                                  "would start from its last saved position", UserWarning, stacklevel=2)
         for st in states:
             if run.seen * num_perturbations < st.shape[0]:
                 warnings.warn(

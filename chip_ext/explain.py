@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .baselines import guided_backprop
+from .fingerprints import cached_model_fingerprint
 from .image_chip import image_chip, image_chip_weights, region_chip, region_chip_weights
 from .importance import Importance
 from .maps import (_class_indices, cached_split, check_images, inference_view, layer_activations, normalize_maps,
@@ -38,6 +40,24 @@ def forward_order(model: nn.Module, layers: Sequence[str]) -> list[str]:
         raise ValueError(f"the importance has layer(s) {missing} that this model does not have; "
                          "was it distilled on another model?")
     return sorted(layers, key=position.__getitem__)
+
+
+def check_same_model(model: nn.Module, importance: Importance) -> bool:
+    """Warns (UserWarning) when `importance` records the fingerprint of other weights than the model's
+    (distilled on another network, or the CLI's --weights forgotten): its W then describes that other
+    network. Returns whether the fingerprints agree (True when the importance records none)."""
+    recorded = importance.meta.get("model")
+    if not isinstance(recorded, str):
+        return True
+    now = cached_model_fingerprint(model)
+    if now == recorded:
+        return True
+    warnings.warn(
+        f"the importance was distilled on a model with other weights (fingerprint {recorded}; this model's is "
+        f"{now}): its channel importances describe that network, and maps drawn with them here may mean "
+        "nothing. Pass the model it was distilled on (chip-ext: the same --model and --weights)",
+        UserWarning, stacklevel=3)
+    return False
 
 
 def _given_targets(target: TargetArg, importance: Importance, B: int, device) -> Tensor:
@@ -159,6 +179,7 @@ def explain(model: nn.Module, images: Tensor, importance: Importance, *, method:
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method={method!r}; choose from {OPTIONS[method]}")
     layers = forward_order(model, importance.layers)
+    check_same_model(model, importance)
     if method == "image_chip":
         return image_chip_maps(model, images, importance, layer or layers[-1], target, **options)
     if method == "region_chip":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import threading
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +31,23 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(total.numpy().tobytes())
         h.update(sample.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def cached_model_fingerprint(model: nn.Module) -> str:
+    """model_fingerprint(model), computed again only when a parameter or buffer was replaced or changed
+    in place (load_state_dict, an optimiser step: the tensors' version counters move)."""
+    key = tuple((id(t), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(model)
+    if hit is None or hit[0] != key:
+        hit = (key, model_fingerprint(model))
+        with _CACHE_LOCK:
+            _CACHE[model] = hit
+    return hit[1]
 
 
 def image_fingerprint(image: Tensor) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import operator
 import os
 import secrets
 import shutil
@@ -32,10 +33,21 @@ class Importance:
         if not weights:
             raise ValueError("weights must hold at least one layer")
         C = len(classes)
+        if len(set(int(c) for c in classes)) != C:
+            dup = sorted({int(c) for c in classes if list(classes).count(c) > 1})
+            raise ValueError(f"classes must be distinct (one row of W per class); {dup[:10]} appear more than once")
+        if class_names is not None and len(set(class_names)) != len(class_names):
+            dup = sorted({n for n in class_names if list(class_names).count(n) > 1})
+            raise ValueError(f"class_names must be distinct (a name must find one row); {dup[:10]} appear more than once")
         for layer, W in weights.items():
             if not isinstance(W, Tensor) or W.dim() != 2 or W.shape[0] != C:
                 shape = list(W.shape) if isinstance(W, Tensor) else type(W).__name__
                 raise ValueError(f"weights[{layer!r}] must be a Tensor[C, K] with C={C}; got {shape}")
+            if not W.is_floating_point() or not bool(torch.isfinite(W).all()):
+                bad = int((~torch.isfinite(W)).sum()) if W.is_floating_point() else W.dtype
+                raise ValueError(f"weights[{layer!r}] must be finite floating-point; it has "
+                                 f"{bad} NaN/Inf entries" if W.is_floating_point() else
+                                 f"weights[{layer!r}] must be floating-point; got {bad}")
         if intercepts is not None:
             if set(intercepts) != set(weights):
                 raise ValueError(f"intercepts must have the layers of weights {list(weights)}; got {list(intercepts)}")
@@ -61,6 +73,12 @@ class Importance:
             if self.class_names is None or cls not in self.class_names:
                 raise KeyError(f"class {cls!r} is not among the distilled class names")
             return self.class_names.index(cls)
+        try:
+            if isinstance(cls, bool) or (isinstance(cls, Tensor) and cls.dtype == torch.bool):
+                raise TypeError
+            cls = operator.index(cls)  # ints, numpy and 0-d integer tensors; 0.7 is not class 0
+        except TypeError:
+            raise TypeError(f"a class is a model output index (int) or a class name (str); got {cls!r}") from None
         if int(cls) not in self.classes:
             raise KeyError(f"class {cls} was not distilled (distilled: {len(self.classes)} classes)")
         return self.classes.index(int(cls))
@@ -126,6 +144,24 @@ def _plain(value: Any) -> Any:
 TEMP_SUFFIX = ".partial"
 
 
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process named in a temporary file's name (.<name>.<pid>.<hex>.partial) still runs."""
+    parts = temp.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+    try:
+        pid = int(parts[-2])
+    except (ValueError, IndexError):
+        return False
+    if pid == os.getpid():
+        return True  # this process's (another thread's write: a failed write removes its own file)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file beside `path`, fsync, then rename over `path`: a reader sees
     the old file or the new one, never half of one. The file gets the mode torch.save would give it
@@ -134,7 +170,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
-        stale.unlink(missing_ok=True)
+        if not _writer_alive(stale):  # another live process may be writing it right now
+            stale.unlink(missing_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:

@@ -163,12 +163,41 @@ def _check_gram(G: Tensor, block: int = 64) -> None:
                                  f"{float(asym[i]):.3g} (max |G[{bad[0]}]| = {float(size[i]):.3g}; classes {bad[:10]})")
 
 
+def _refuse_unbounded(G: Tensor, W: Tensor, converged: Tensor, x_mean: Tensor | None) -> None:
+    """A class that did not converge (or whose W is not finite) may have no minimum at all: when Ĝ
+    (centred, with an intercept) is not positive semidefinite the objective is unbounded below, Ĝ + ρI
+    can still factor, and ADMM runs away (W ~1e172 or NaN) while only "did not converge" was said.
+    ValueError naming the classes and the smallest eigenvalue (checked on those classes only)."""
+    suspect = (~converged.to(W.device) | ~torch.isfinite(W).all(dim=1)).nonzero().flatten()
+    if not len(suspect):
+        return
+    Gs = G[suspect].double()
+    if x_mean is not None:
+        m = x_mean[suspect].double()
+        Gs = Gs - m[:, :, None] * m[:, None, :]
+    Gs = torch.nan_to_num((Gs + Gs.mT) / 2)
+    low = torch.linalg.eigvalsh(Gs)[:, 0]
+    scale = Gs.diagonal(dim1=1, dim2=2).abs().mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+    rel = 1e-10 if G.dtype == torch.float64 else 1e-5
+    bad = (low < -rel * scale).nonzero().flatten()
+    if not len(bad):
+        return
+    classes = suspect[bad].tolist()
+    raise ValueError(
+        f"the Lasso of classes {classes[:10]}{' ...' if len(classes) > 10 else ''} has no minimum: their Gram "
+        f"matrix {'(centred for the intercept) ' if x_mean is not None else ''}is not positive semidefinite "
+        f"(smallest eigenvalue {float(low[bad].min()):.3g}), so ADMM diverged. A Gram matrix of real features "
+        "(Σ ω z zᵀ) is always semidefinite: the sums are corrupt, or G was not built from features")
+
+
 def _checked_inputs(G, b, lam, rho, max_iter, tol, chunk_size, relaxation, x_mean, y_mean, fit_intercept,
                     adapt_interval, adapt_tolerance):
     G, b = _real_float(G, "G"), _real_float(b, "b")
     if G.dim() != 3 or G.shape[-1] != G.shape[-2]:
         raise ValueError(f"G must be [C, K, K]; got {list(G.shape)}")
     C, K, _ = G.shape
+    if K == 0:
+        raise ValueError(f"G must be [C, K, K] with K >= 1 channel; got {list(G.shape)}")
     if b.shape != (C, K):
         raise ValueError(f"b must be [C, K] = [{C}, {K}] to match G; got {list(b.shape)}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -287,6 +316,7 @@ def admm_lasso(G: Tensor, b: Tensor, lam: float | Tensor, *, rho: float | Tensor
         for key in ("iterations", "primal", "dual", "converged", "polished"):
             out[key][sl] = chunk[key].to(out[key].dtype).cpu()
         out["rho"][sl] = (chunk["rho"] * gs).double().cpu()
+    _refuse_unbounded(G, W, out["converged"], x_mean if fit_intercept else None)
     intercept = (y_mean - (x_mean * W).sum(dim=1)) if fit_intercept else None
     info = SolverInfo(out["iterations"], out["primal"], out["dual"], out["converged"], out["rho"],
                       lam_t.double().cpu(), counts["factorizations"], out["polished"],

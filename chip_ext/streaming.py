@@ -128,10 +128,14 @@ class Run(CheckpointedRun, RankedRun):
         last_save = time.monotonic()
         t_start, imgs_start = time.perf_counter(), self.position
         try:
+            first = True
             for item_index, item in enumerate(loader):
                 x = images_of(item, item_index)
-                if item_index == 0:
+                if x.shape[0] == 0:
+                    continue  # an empty batch holds no image (and takes no index)
+                if first:
                     self._check_first_image(x, checkpoint)
+                    first = False
                 B = x.shape[0]
                 if skip >= B:
                     skip -= B
@@ -187,6 +191,16 @@ class Run(CheckpointedRun, RankedRun):
                              "(another dataset, order, transform or batch layout): resume with the same loader, "
                              "or pass another checkpoint path")
 
+    def _dtype_error(self, s: LayerState, x: Tensor, err: RuntimeError) -> Exception:
+        """float64 images into a float32 model (or float32 into a half one) fail deep in the first
+        layer with a message about bias types: say it in the user's terms when that is the cause."""
+        want = next((t.dtype for t in s.prefix.parameters() if t.is_floating_point()), None)
+        if want is not None and x.dtype != want:
+            return TypeError(f"the loader's images are {x.dtype} but the model's weights are {want}, and the "
+                             f"model failed on them ({str(err).splitlines()[0][:120]}): convert one to the other "
+                             f"(e.g. images.to({want}) in the loader's transform)")
+        return err
+
     def check_finished_run(self, loader, checkpoint) -> None:
         """A finished checkpoint is re-solved without reading the images; it must be the same run:
         max_images and the dataset's length as recorded, and the loader's first image (read when the
@@ -200,9 +214,23 @@ class Run(CheckpointedRun, RankedRun):
                 and recorded["loader_images"] != self.loader_images:
             raise ValueError(f"checkpoint {checkpoint} was finished over a dataset of {recorded['loader_images']} images; "
                              f"this loader's has {self.loader_images}: another dataset? Pass another checkpoint path")
+        counted = 0
         for item_index, item in enumerate(loader):
-            self._check_first_image(images_of(item, item_index), checkpoint)
-            break
+            x = images_of(item, item_index)
+            if x.shape[0] == 0:
+                continue
+            if counted == 0:
+                self._check_first_image(x, checkpoint)
+            if not isinstance(loader, (list, tuple)):
+                break  # only a list in memory is cheap to count
+            counted += x.shape[0]
+        if isinstance(loader, (list, tuple)) and counted:  # an empty list re-solves from the sums alone
+            if self.max_images is not None:
+                counted = min(counted, self.max_images)
+            if counted != self.position:
+                raise ValueError(f"checkpoint {checkpoint} is a finished run over {self.position} images; this "
+                                 f"loader has {counted}: another dataset? Pass another checkpoint path to distil "
+                                 "these images (or the same loader to re-solve the finished run)")
 
     def _check_finite(self, t: Tensor, what: str, indices: list[int]) -> None:
         """Queues a NaN/Inf check of t: Tensor[B, ...] (one flag per image, no device sync);
@@ -218,6 +246,13 @@ class Run(CheckpointedRun, RankedRun):
                 i = int(bad.nonzero()[0])
                 raise FloatingPointError(f"NaN or Inf in {what} for image {indices[i]} (global index "
                                          "in the loader's order); the run stops (a checkpoint holds the sums before this batch)")
+
+    def _check_fits(self, need: int, what: str) -> None:
+        """MemoryError before allocating `need` bytes that the device does not have free."""
+        free = memory.free_bytes(self.device)
+        if free is not None and need > 0.8 * free:
+            raise MemoryError(f"{what} need {fmt_bytes(need)}, but only {fmt_bytes(free)} is free on {self.device}: "
+                              "pass fewer num_perturbations or a smaller batch_size")
 
     def _setup_classes(self, num_outputs: int) -> None:
         if self.num_outputs is None:
@@ -280,6 +315,9 @@ class Run(CheckpointedRun, RankedRun):
         start = 0  # the first (image, perturbation) pair not yet run, as image * N + perturbation
         if s.copy_bytes is None:
             logits = self._suffix_piece(s, A, gates, a, 0, 1, 0, 1, measure=True)
+            self._setup_classes(logits.shape[1])  # classes and names checked before the batch's work
+            self._check_fits(B * N * logits.shape[1] * 4 * 3, f"the scores of {B} images x N={N} x "
+                             f"{logits.shape[1]} outputs (logits, scores and their float32 copies)")
             result = torch.empty(B, N, logits.shape[1], dtype=torch.float32, device=logits.device)
             result[0, 0] = logits[0].float()
             start = 1
@@ -321,7 +359,10 @@ class Run(CheckpointedRun, RankedRun):
         """One layer's per-image statistics of the images x: a [B, K], gates [B, N, K] bool,
         h [B, N], f [B, C] and g [B, N, C] over the chosen classes."""
         with self.stages("prefix"):
-            A = s.prefix(x)
+            try:
+                A = s.prefix(x)
+            except RuntimeError as err:
+                raise self._dtype_error(s, x, err) from err
         if not isinstance(A, Tensor) or A.dim() != 4:
             shape = list(A.shape) if isinstance(A, Tensor) else type(A).__name__
             raise ValueError(f"layer {s.name!r} outputs {shape}; CHIP needs a convolutional feature "
@@ -332,6 +373,8 @@ class Run(CheckpointedRun, RankedRun):
         self._set_shape(s, A.shape[1:])
         K = A.shape[1]
         B = A.shape[0]
+        self._check_fits(B * self.N * (K + 8), f"the gates and proximity weights of {B} images x "
+                         f"N={self.N} perturbations x K={K} channels")
         with self.stages("gates"):
             gates = sample_gates(indices, self.N, K, seed=self.seed, layer=s.name,
                                  max_drop=self.max_drop, device=self.device)
@@ -339,6 +382,12 @@ class Run(CheckpointedRun, RankedRun):
         if not s.h_checked and self.N > 1:
             s.h_checked = True
             perturbed = ~gates.all(dim=-1)  # rows with at least one channel off: the informative ones
+            if not bool(perturbed.any()):
+                warnings.warn(
+                    f"layer {s.name!r}: no perturbation of the first batch switched a channel off (max_drop="
+                    f"{self.max_drop} of K={K} channels rounds to none): W is fitted on the unperturbed network "
+                    f"only and means nothing; raise max_drop (>= {1.0 / K:.2g} switches one channel off)",
+                    UserWarning, stacklevel=4)
             mean_h = float(h[perturbed].mean()) if bool(perturbed.any()) else 1.0
             if mean_h < 1e-3:
                 warnings.warn(

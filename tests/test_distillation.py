@@ -233,11 +233,11 @@ def test_old_checkpoint_format_is_refused(tmp_path):
     ck = tmp_path / "run.ckpt"
     chip_ext.distill(model, batches(2), "relu2", num_perturbations=4, checkpoint=ck, progress=False)
     state = torch.load(ck, weights_only=True)
-    assert state["version"] == 3 and len(state["layers"]["relu2"]["acc"]) == 6
+    assert state["version"] == 4 and len(state["layers"]["relu2"]["acc"]) == 6
     state["version"] = 2
     state["layers"]["relu2"]["acc"] = state["layers"]["relu2"]["acc"][:4]
     torch.save(state, ck)
-    with pytest.raises(ValueError, match=r"format version 2; this chip_ext reads version 3: it was written by an "
+    with pytest.raises(ValueError, match=r"format version 2; this chip_ext reads version 4: it was written by an "
                                          r"older chip_ext and lacks the first-moment sums"):
         chip_ext.distill(model, batches(2), "relu2", num_perturbations=4, checkpoint=ck, progress=False)
 
@@ -404,6 +404,12 @@ class Untouchable:
     ("head", {}, ValueError, r"layer 'head' outputs \[4, 5\]; CHIP needs a convolutional feature map"),
     ([], {}, ValueError, "layers must be a module name or a non-empty list"),
     ("relu2", dict(num_perturbations=0), ValueError, "num_perturbations must be an int >= 1; got 0"),
+    ("relu2", dict(num_perturbations=1), ValueError, "num_perturbations must be >= 2: it counts the unperturbed"),
+    ("relu2", dict(max_drop=0.0), ValueError, r"max_drop must be a finite number > 0 and <= 1.0; got 0.0"),
+    ("relu2", dict(classes=[0, -1]), ValueError, r"classes must be model output indices >= 0; got \[-1\]"),
+    ("relu2", dict(classes=[1, 2, 1]), ValueError, r"classes has duplicates: \[1\]"),
+    ("relu2", dict(autocast_dtype="bf17"), ValueError, r"autocast_dtype must be None, torch.bfloat16 or torch.float16"),
+    ("relu2", dict(autocast_dtype=torch.int8), ValueError, r"autocast_dtype must be None.*got torch.int8"),
     ("relu2", dict(num_perturbations=True), ValueError, "num_perturbations must be an int >= 1; got True"),
     ("relu2", dict(sigma=0.0), ValueError, "sigma must be a finite number > 0; got 0.0"),
     ("relu2", dict(rho=-1.0), ValueError, "rho must be a finite number > 0; got -1.0"),
@@ -413,7 +419,7 @@ class Untouchable:
     ("relu2", dict(lam=0.1, lam_ratio=0.1), ValueError, "give lam .* or lam_ratio .*, not both"),
     ("relu2", dict(max_iter=0), ValueError, "max_iter must be an int >= 1; got 0"),
     ("relu2", dict(tol=0), ValueError, "tol must be a finite number > 0; got 0"),
-    ("relu2", dict(max_drop=1.5), ValueError, r"max_drop must be a finite number >= 0 and <= 1.0; got 1.5"),
+    ("relu2", dict(max_drop=1.5), ValueError, r"max_drop must be a finite number > 0 and <= 1.0; got 1.5"),
     ("relu2", dict(classes=[]), ValueError, r"classes must be None \(all outputs\) or a non-empty list"),
     ("relu2", dict(classes=[1.7]), TypeError, r"classes must be integer class indices; got \[1.7\]"),
     ("relu2", dict(classes=[True]), TypeError, r"classes must be integer class indices; got \[True\]"),
@@ -484,9 +490,9 @@ def test_nan_in_activations_names_the_image():
 
 def test_nan_in_scores_names_the_image():
     model = SmallCNN()
-    model.head = nn.Sequential(NaNAt(), model.head)  # N=1: the suffix's rows are the images
+    model.head = nn.Sequential(NaNAt(row=10), model.head)  # N=2: row 10 is image 5's unperturbed network
     with pytest.raises(FloatingPointError, match=r"NaN or Inf in the scores after perturbing layer 'relu2' for image 5"):
-        chip_ext.distill(model, batches(3), "relu2", num_perturbations=1, progress=False)
+        chip_ext.distill(model, batches(3), "relu2", num_perturbations=2, progress=False)
 
 
 def test_untraceable_model_says_why():
