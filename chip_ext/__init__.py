@@ -10,6 +10,7 @@ from .explain import explain
 from .importance import Importance
 from .ops import Accumulators, GatePoolOutput, gate_pool, gram_accumulate, new_accumulators
 from .packing import pack_triu, packed_size, size_from_packed, unpack_triu
+from .split import select_output
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "gram_accumulate",
     "new_accumulators",
     "pack_triu",
+    "select_output",
     "packed_size",
     "size_from_packed",
     "unpack_triu",

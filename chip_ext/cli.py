@@ -30,6 +30,53 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def writable_file(path: str, flag: str):
+    """An output file, checked before any work: not a folder, its folder can be made and written."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise SystemExit(f"{flag}: {p} is a folder; pass a file path")
+    writable_dir(str(p.parent), flag, of=p)
+    return p
+
+
+def writable_dir(path: str, flag: str, of=None):
+    """An output folder, made if missing and checked writable before any work."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path)
+    what = of if of is not None else p
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise SystemExit(f"{flag}: {what} cannot be written: {q} is a file, not a folder")
+            break
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".chip-ext-probe.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise SystemExit(f"{flag}: {what} cannot be written: {err.strerror or err} ({p})") from None
+    return p
+
+
+def parse_classes(text: str):
+    """--classes: 'data', 'all', or a comma list of output indices."""
+    if text in ("data", "all"):
+        return text
+    try:
+        classes = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'data', 'all' or a comma list of class indices; got {text!r}") from None
+    if not classes:
+        raise argparse.ArgumentTypeError("the comma list of class indices is empty")
+    return classes
+
+
 EXPLAIN_METHODS = ("chip", "refined", "guided_chip", "image_chip", "region_chip", "gradcam", "cam", "guided_backprop", "guided_gradcam")
 METHOD_TITLES = {"chip": "CHIP", "refined": "Refined CHIP", "guided_chip": "Guided CHIP",
                  "image_chip": "Per-image CHIP", "region_chip": "Region CHIP", "gradcam": "Grad-CAM",
@@ -43,7 +90,9 @@ def _explain(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from . import Importance, baselines, explain, models, render
+    from .maps import check_logits
 
+    out = writable_dir(args.out, "--out")
     imp = Importance.load(args.importance)
     if args.methods is None:  # refined needs two layers
         args.methods = "chip,refined,gradcam" if len(imp.layers) > 1 else "chip,gradcam"
@@ -68,7 +117,7 @@ def _explain(args: argparse.Namespace) -> int:
     shown = torch.stack([load(p) for p in paths])
     x = pre.normalize(shown)
     with torch.no_grad():
-        probs = torch.softmax(model(x).float(), dim=1)
+        probs = torch.softmax(check_logits(model(x), model).float(), dim=1)
 
     def name_of(c: int) -> str:
         if imp.class_names and c in imp.classes:
@@ -77,7 +126,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     # the class each image is explained for
     if args.target is not None:
-        c = int(args.target) if args.target.lstrip("-").isdigit() else imp.classes[imp.row(args.target)]
+        c = target_class(args.target, imp, probs.shape[1])
         targets, why = [c] * len(paths), "given by --target"
     else:
         distilled = torch.tensor(imp.classes)
@@ -93,8 +142,6 @@ def _explain(args: argparse.Namespace) -> int:
             columns[m] = baselines.guided_backprop(model, x, t)
         else:
             columns[m] = getattr(baselines, m)(model, x, layer, t)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     titles = [f"{p.name}: {name_of(c)} (p={probs[i, c]:.2f})" for i, (p, c) in enumerate(zip(paths, targets))]
     grid = render.save_grid(out / "explain.png", shown, {METHOD_TITLES[k]: v for k, v in columns.items()},
                             row_titles=titles)
@@ -130,6 +177,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if any(m not in faithfulness.METRICS for m in faith):
         raise SystemExit(f"--faithfulness: unknown {[m for m in faith if m not in faithfulness.METRICS]}; "
                          f"choose from {', '.join(faithfulness.METRICS)}")
+    out = writable_file(args.out, "--out") if args.out else None
     model, pre = models.load(args.model, args.weights)
     imp = Importance.load(args.importance) if args.importance else None
     layer = args.layer or (explain_layers(model, imp)[-1] if imp is not None else None)
@@ -155,10 +203,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     result.update({"model": args.model, "data": str(args.data), "layer": layer, "cam_layer": args.cam_layer or layer,
                    "importance": None if imp is None else str(args.importance)})
     print(evaluation.format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
     return 0
 
 
@@ -178,6 +225,7 @@ def _distill(args: argparse.Namespace) -> int:
             args.device = str(device)
         started_here = True
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out = writable_file(args.out, "--out")
     model, pre = models.load(args.model, args.weights)
     if args.squash:
         import dataclasses
@@ -191,8 +239,7 @@ def _distill(args: argparse.Namespace) -> int:
     if world > 1:  # each rank decodes only the images it forwards
         dataset = data.RankShard(dataset, rank, world)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    classes = classes_in_data if args.classes == "data" else None if args.classes == "all" else \
-        [int(c) for c in args.classes.split(",")]
+    classes = classes_in_data if args.classes == "data" else None if args.classes == "all" else args.classes
     names = models.class_names_for(args.model) if ":" not in args.model else None
     imp = distill(model, loader, [l.strip() for l in args.layers.split(",")], classes=classes,
                   num_perturbations=args.perturbations, lam_ratio=args.lam_ratio, seed=args.seed,
@@ -206,8 +253,8 @@ def _distill(args: argparse.Namespace) -> int:
     imp.meta["model_spec"] = args.model
     imp.meta["preprocess"] = pre.describe() if hasattr(pre, "describe") else repr(pre)
     if rank == 0:  # every rank holds the same Importance; one writes it
-        imp.save(args.out)
-        print(f"wrote {args.out}: {imp}; {imp.meta['images_seen']} images, N={args.perturbations}")
+        imp.save(out)
+        print(f"wrote {out}: {imp}; {imp.meta['images_seen']} images, N={args.perturbations}")
     if started_here:
         dist.barrier()  # no rank tears the group down while another (rank 0 saving) still uses it
         dist.destroy_process_group()
@@ -217,9 +264,25 @@ def _distill(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    writable_dir(args.out, "--out")
     run_demo(args.out, fast=args.fast, views=args.views, perturbations=args.perturbations,
              progress=not args.quiet)
     return 0
+
+
+def target_class(text: str, imp, num_outputs: int) -> int:
+    """--target: a class index of the model's outputs, or a distilled class name."""
+    try:
+        c = int(text)
+    except ValueError:
+        if imp.class_names and text in imp.class_names:
+            return imp.classes[imp.row(text)]
+        raise SystemExit(f"--target: {text} is neither a class index (an integer) nor a distilled class name"
+                         + (f" (names: {', '.join(imp.class_names[:10])}{' ...' if len(imp.class_names) > 10 else ''})"
+                            if imp.class_names else " (this importance has no class names)")) from None
+    if not 0 <= c < num_outputs:
+        raise SystemExit(f"--target: class {c} is out of range: the model has {num_outputs} outputs")
+    return c
 
 
 def explain_layers(model, imp):
@@ -318,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--data", required=True, help="ImageFolder root: <root>/<wnid>/*.JPEG")
     di.add_argument("--layers", required=True, help="comma list of module names")
     di.add_argument("--out", required=True, help="file for the Importance")
-    di.add_argument("--classes", default="data", help="'data' (the folder's classes), 'all', or a comma list")
+    di.add_argument("--classes", type=parse_classes, default="data", help="'data' (the folder's classes), 'all', or a comma list")
     di.add_argument("--per-class", type=_int_at_least(1), default=None, help="images per class (default: all)")
     di.add_argument("--perturbations", type=_int_at_least(1), default=100,
                     help="N gated networks per image, the unperturbed one included (100, the paper's)")
@@ -373,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command. An error prints one line (what and where) to stderr and exits 1;
     --debug shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"chip-ext {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    if not args.debug:
+        warnings.showwarning = show
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -383,10 +453,23 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001
         if args.debug:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"chip-ext {args.command}: error: {message} ({type(err).__name__}; --debug for the traceback)",
+        print(f"chip-ext {args.command}: error: {one_line(err)} ({type(err).__name__}; --debug for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def one_line(err: BaseException) -> str:
+    """The exception's own message on one line. An error raised in a DataLoader worker arrives as the
+    worker's whole traceback text (torch's ExceptionWrapper): keep its last line, the original message,
+    and say where it was raised."""
+    text = str(err)
+    if "Original Traceback" in text:
+        lines = [l.strip() for l in text.splitlines() if l.strip()]
+        where = lines[0].removeprefix("Caught ").rstrip(".")
+        last = lines[-1]
+        prefix = f"{type(err).__name__}: "
+        return f"{last.removeprefix(prefix)} (raised as {where})"
+    return " ".join(text.split()) or type(err).__name__
 
 
 if __name__ == "__main__":

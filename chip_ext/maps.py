@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .split import split, structure as _structure
+from .split import output_problem, split, structure as _structure
 
 Target = int | Sequence[int] | Tensor | None
 
@@ -48,6 +48,18 @@ def _class_indices(target, where: str = "target") -> Tensor:
         shown = target if not isinstance(target, Tensor) else t.tolist()
         raise TypeError(f"{where} must be integer class indices; got {shown!r}")
     return t.long()
+
+
+def check_logits(out, model: nn.Module) -> Tensor:
+    """The model's output, checked to be logits Tensor[B, C] (a tuple or dict output says how to wrap
+    the model)."""
+    problem = output_problem(out, model)
+    if problem:
+        raise TypeError(problem)
+    if out.dim() != 2:
+        raise ValueError(f"{type(model).__name__} returns a tensor of shape {list(out.shape)}; chip_ext needs "
+                         "logits [B, C] (one score per class)")
+    return out
 
 
 def resolve_target(target: Target, logits: Tensor) -> Tensor:

@@ -18,7 +18,9 @@ torch.fx itself is not thread-safe.
 """
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import threading
 import weakref
 
@@ -76,7 +78,27 @@ def trace(model: nn.Module, keep_whole: set[str] | None = None) -> fx.GraphModul
             "chip_ext splits the model at the layer with torch.fx; control flow that depends on tensor "
             "values or shapes must live inside a module without children (such modules are kept whole)."
         ) from err
+    _prune_unused(graph)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _may_mutate(n: fx.Node) -> bool:
+    """Whether a node may change a tensor in place or have another side effect (kept even if unused)."""
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.startswith("__")
+    name = getattr(n.target, "__name__", "")
+    return (n.is_impure() or "out" in n.kwargs or name.endswith("_")
+            or (getattr(n.target, "__module__", None) in ("_operator", "operator")
+                and (name.startswith("i") or name in ("setitem", "delitem"))))
+
+
+def _prune_unused(graph: fx.Graph) -> None:
+    """Removes computations whose result nothing uses (e.g. what `select_output` drops from a tuple), so
+    they are not taken for a skip connection around a layer. Modules and anything that may work in
+    place are kept."""
+    for n in reversed(list(graph.nodes)):
+        if n.op in ("call_method", "call_function") and not n.users and not _may_mutate(n):
+            graph.erase_node(n)
 
 
 def structure(model: nn.Module) -> tuple:
@@ -96,6 +118,38 @@ def cached_trace(model: nn.Module, keep_whole: frozenset[str] = frozenset()) -> 
         with _TRACES_LOCK:
             _TRACES.setdefault(model, {})[key] = hit
     return hit[1]
+
+
+def select_output(model: nn.Module, key: int | str) -> nn.Module:
+    """`model` returning only `output[key]` of its tuple or dict output (e.g. key=0, or "logits"), with the
+    same module names, parameters and hooks (a shallow copy whose class overrides forward): chip_ext needs
+    a model whose output is one logits tensor [B, C]."""
+    cls = type(model)
+
+    @functools.wraps(cls.forward)  # the original signature, which torch.fx reads to make its inputs
+    def forward(self, *args, **kwargs):
+        return cls.forward(self, *args, **kwargs)[key]
+
+    selected = copy.copy(model)
+    selected.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return selected
+
+
+def output_problem(out, model: nn.Module) -> str | None:
+    """Why a model output `out` (a value, or the traced graph's output argument) is not logits
+    [B, C], with the way to wrap the model; None when it is one tensor."""
+    if isinstance(out, (torch.Tensor, fx.Node)):
+        return None
+    if isinstance(out, dict):
+        kind, keys = "a dict", f" with keys {list(out)[:6]}"
+        example = repr(next(iter(out), "logits"))
+    elif isinstance(out, (tuple, list)):
+        kind, keys, example = f"a {type(out).__name__} of {len(out)} values", "", "0"
+    else:
+        kind, keys, example = f"a {type(out).__name__}", "", "0"
+    return (f"{type(model).__name__}.forward returns {kind}{keys}; chip_ext needs a model that returns one "
+            f"logits tensor [B, C]. Wrap it: chip_ext.select_output(model, {example}) keeps the module names "
+            "and returns only that output")
 
 
 def _input_dependent(nodes: list[fx.Node]) -> set[fx.Node]:
@@ -152,6 +206,9 @@ def split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]
         raise _unknown_layer(model, layer)
     gm = cached_trace(model, frozenset({layer}))
     nodes = list(gm.graph.nodes)
+    problem = output_problem(nodes[-1].args[0], model)
+    if problem:
+        raise SplitError(problem)
     cuts = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer]
     if not cuts:
         raise SplitError(f"layer {layer!r} is never called in {type(model).__name__}.forward, so its "
@@ -248,6 +305,9 @@ def default_layer(model: nn.Module) -> str:
     its current mode: pass it in eval mode, as distill does), no forward is run."""
     gm = cached_trace(model)
     nodes = list(gm.graph.nodes)
+    problem = output_problem(nodes[-1].args[0], model)
+    if problem:
+        raise SplitError(problem)
     dep = _input_dependent(nodes)
     # the feature maps end at the first global pooling or flattening that is itself a clean cut: the
     # pooling of a squeeze-excitation block or an auxiliary head is not (the maps it came from are
