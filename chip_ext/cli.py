@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--out", required=True, help="file for the Importance")
     di.add_argument("--classes", type=parse_classes, default="data", help="'data' (the folder's classes), 'all', or a comma list")
     di.add_argument("--per-class", type=_int_at_least(1), default=None, help="images per class (default: all)")
-    di.add_argument("--perturbations", type=_int_at_least(1), default=100,
+    di.add_argument("--perturbations", type=_int_at_least(2), default=100,
                     help="N gated networks per image, the unperturbed one included (100, the paper's)")
     di.add_argument("--target", choices=("prob", "logit"), default="prob",
                     help="the regression target: softmax probabilities (the paper's) or logits")
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     lam.add_argument("--lam", type=_float_in(0.0), default=None, help="the Lasso's lambda, absolute")
     di.add_argument("--sigma", type=_float_in(0.0, strict=True), default=None,
                     help="proximity width for every layer (default sqrt(K/4) per layer)")
-    di.add_argument("--max-drop", type=_float_in(0.0, 1.0), default=0.5,
+    di.add_argument("--max-drop", type=_float_in(0.0, 1.0, strict=True), default=0.5,
                     help="the largest fraction of channels a perturbation switches off (0.5)")
     di.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
                     help="run the suffix under autocast in this dtype (GPU)")

@@ -110,3 +110,108 @@ def test_files_get_the_mode_torch_save_gives(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.pt").stat().st_mode & 0o777 == (tmp_path / "b.pt").stat().st_mode & 0o777 == 0o644
+
+
+def crashed_run(ck, **kwargs):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        chip_ext.distill(SmallCNN(), Crashing(batches(6), 3), "relu2", checkpoint=ck, checkpoint_every=0,
+                         **{**COMMON, **kwargs})
+
+
+@pytest.mark.parametrize("edit", ["sigma", "classes", "config"])
+def test_an_edited_checkpoint_is_found(tmp_path, edit):
+    """The checksum covered only the sums and counters: a checkpoint edited to sigma 0.3, to class order
+    [1, 0], or to another configuration resumed silently."""
+    ck = tmp_path / "run.ckpt"
+    crashed_run(ck, classes=[0, 1])
+    state = torch.load(ck, weights_only=True)
+    if edit == "sigma":
+        state["layers"]["relu2"]["sigma"] = 0.3
+    elif edit == "classes":
+        state["classes"] = [1, 0]
+    else:
+        state["config"]["max_drop"] = 0.25
+        state["max_images"] = 99
+    torch.save(state, ck)
+    with pytest.raises(ValueError, match=r"is corrupt: its sums do not match the checksum"):
+        chip_ext.distill(SmallCNN(), batches(6), "relu2", checkpoint=ck, classes=[0, 1], **COMMON)
+
+
+@pytest.mark.parametrize("changed, pattern", [
+    (dict(seed=1), r"'seed': \(0, 1\)"),
+    (dict(autocast_dtype=torch.bfloat16), r"'autocast': \(None, 'torch.bfloat16'\)"),
+])
+def test_resuming_with_another_seed_or_autocast_is_refused(tmp_path, changed, pattern):
+    """A seed-0 checkpoint resumed under seed 1 would mix two gate streams; fp32 sums resumed under bf16
+    autocast would mix two precisions."""
+    ck = tmp_path / "run.ckpt"
+    crashed_run(ck)
+    with pytest.raises(ValueError, match=r"written by a different configuration; differing \(checkpoint, now\): .*"
+                                         + pattern):
+        chip_ext.distill(SmallCNN(), batches(6), "relu2", checkpoint=ck, **COMMON, **changed)
+
+
+def test_a_second_writer_is_refused_and_keeps_the_first_ones_files(tmp_path):
+    """Two processes on one checkpoint path: each save deleted the other's live temporary file and the
+    other died ('No such file or directory: ...partial')."""
+    from chip_ext.checkpoints import CheckpointLock
+
+    ck = tmp_path / "run.ckpt"
+    with CheckpointLock(ck):  # another run holds the path
+        with pytest.raises(ValueError, match=rf"checkpoint .*run.ckpt is being written by another process "
+                                             rf"\(pid {os.getpid()}; lock .*run.ckpt.lock\)"):
+            chip_ext.distill(SmallCNN(), batches(2), "relu2", checkpoint=ck, **COMMON)
+    assert not ck.exists()
+    imp = chip_ext.distill(SmallCNN(), batches(2), "relu2", checkpoint=ck, **COMMON)  # free again
+    assert ck.exists() and imp.meta["images_seen"] == 8
+
+
+def test_a_live_writers_temporary_file_is_kept(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".run.ckpt.{sleeper.pid}.abcd1234{TEMP_SUFFIX}"
+        live.write_bytes(b"being written")
+        dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True).stdout.strip()
+        dead = tmp_path / f".run.ckpt.{dead_pid}.deadbeef{TEMP_SUFFIX}"
+        dead.write_bytes(b"left by a killed writer")
+        atomic_save({"x": 1}, tmp_path / "run.ckpt")
+        assert live.exists() and not dead.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_failed_final_save_returns_the_importance(tmp_path, monkeypatch):
+    """A full disk at the final save lost the finished pass (distill raised)."""
+    from chip_ext.checkpoints import CheckpointedRun
+
+    real = CheckpointedRun.save
+
+    def save(self, path):
+        if self.complete:
+            raise OSError(f"could not write {path}: [Errno 28] No space left on device")
+        real(self, path)
+
+    monkeypatch.setattr(CheckpointedRun, "save", save)
+    ck = tmp_path / "run.ckpt"
+    ref = chip_ext.distill(SmallCNN(), batches(3), "relu2", **COMMON)
+    with pytest.warns(UserWarning, match=r"the pass over the images finished, but its final checkpoint could not "
+                                         r"be written \(could not write .*No space left"):
+        imp = chip_ext.distill(SmallCNN(), batches(3), "relu2", checkpoint=ck, checkpoint_every=0, **COMMON)
+    assert torch.equal(imp.weights["relu2"], ref.weights["relu2"])
+
+
+def test_an_empty_checkpoint_file_says_so(tmp_path):
+    ck = tmp_path / "run.ckpt"
+    ck.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoint .*run.ckpt is an empty file \(0 bytes"):
+        chip_ext.distill(SmallCNN(), batches(2), "relu2", checkpoint=ck, **COMMON)
+
+
+def test_a_finished_checkpoint_and_a_longer_list_loader_is_refused(tmp_path):
+    """It returned the old W (images_seen 4 instead of 10) without a word."""
+    ck = tmp_path / "run.ckpt"
+    chip_ext.distill(SmallCNN(), batches(1), "relu2", checkpoint=ck, **COMMON)
+    with pytest.raises(ValueError, match=r"is a finished run over 4 images; this loader has 12"):
+        chip_ext.distill(SmallCNN(), batches(3), "relu2", checkpoint=ck, **COMMON)

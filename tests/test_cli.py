@@ -131,8 +131,11 @@ def test_runtime_errors_are_one_line_naming_the_file(setup):
 
 @pytest.mark.parametrize("args, message", [
     (["distill", "--per-class", "-1"], "argument --per-class: must be an integer >= 1; got -1"),
-    (["distill", "--perturbations", "0"], "argument --perturbations: must be an integer >= 1; got 0"),
-    (["distill", "--max-drop", "1.5"], "argument --max-drop: must be a finite number >= 0 and <= 1; got 1.5"),
+    (["distill", "--perturbations", "1"], "argument --perturbations: must be an integer >= 2; got 1"),
+    (["distill", "--max-drop", "1.5"], "argument --max-drop: must be a finite number > 0 and <= 1; got 1.5"),
+    (["distill", "--max-drop", "0"], "argument --max-drop: must be a finite number > 0 and <= 1; got 0"),
+    (["distill", "--classes", "a,b"], "argument --classes: must be 'data', 'all' or a comma list of class indices; "
+                                      "got 'a,b'"),
     (["distill", "--lam", "0.1", "--lam-ratio", "0.1"], "argument --lam-ratio: not allowed with argument --lam"),
     (["evaluate", "--limit", "0"], "argument --limit: must be an integer >= 2; got 0"),
     (["evaluate", "--limit", "-1"], "argument --limit: must be an integer >= 2; got -1"),
@@ -177,3 +180,95 @@ def test_a_zero_width_in_the_annotations_is_named(tmp_path):
 
     with pytest.raises(ValueError, match=r"val_labels.csv line 2: a.JPEG: the annotated image size .* = \(0, 375\)"):
         data.find_localization_samples(tmp_path)
+
+
+def test_outputs_are_checked_before_any_work(setup, tmp_path):
+    """`distill` failed 10 s in on a read-only --out, after the whole pass; evaluate and explain the same."""
+    tmp, spec, images = setup
+    blocker = tmp / "blocker"
+    blocker.write_text("a file where a folder should be")
+    train = image_folder(tmp / "data", n=2)
+    cases = [
+        ["distill", "--model", f"{spec}:build", "--data", train, "--layers", "3", "--perturbations", "2",
+         "--workers", "0", "--quiet", "--out", blocker / "imp.pt"],
+        ["explain", "--model", f"{spec}:build", "--importance", tmp / "imp.pt", "--images", images[0],
+         "--out", blocker / "out"],
+        ["evaluate", "--model", f"{spec}:build", "--data", tmp / "no-such-data", "--out", blocker / "r.json"],
+        ["distill", "--model", f"{spec}:build", "--data", train, "--layers", "3", "--out", tmp],
+    ]
+    for args in cases:
+        r = run(*args)
+        assert r.returncode != 0 and "--out:" in r.stderr, (args[0], r.stderr)
+        assert "blocker is a file, not a folder" in r.stderr or "is a folder; pass a file path" in r.stderr
+        assert not (tmp / "imp.pt.lock").exists()
+
+
+def test_a_dataloader_worker_error_is_its_own_one_line(setup):
+    """With --workers 2 (the default), the 'one line' carried the worker's whole traceback text."""
+    tmp, spec, _ = setup
+    train = image_folder(tmp / "data", bad="img9.JPEG")
+    r = run("distill", "--model", f"{spec}:build", "--data", train, "--layers", "3", "--perturbations", "2",
+            "--workers", "1", "--quiet", "--out", tmp / "x.pt")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "img9.JPEG: cannot read the image" in lines[0] and "DataLoader worker process 0" in lines[0]
+    assert "Traceback" not in lines[0] and 'File "' not in lines[0]
+
+
+def test_target_that_is_neither_index_nor_name(setup):
+    tmp, spec, images = setup
+    for target, message in (("1.5", "--target: 1.5 is neither a class index (an integer) nor a distilled class name "
+                                    "(names: zero, two, three)"),
+                            ("7", "--target: class 7 is out of range: the model has 4 outputs")):
+        r = run("explain", "--model", f"{spec}:build", "--importance", tmp / "imp.pt", "--images", images[0],
+                "--target", target, "--out", tmp / "o")
+        assert r.returncode != 0 and message in r.stderr, r.stderr
+        assert "KeyError" not in r.stderr and "'1.5'" not in r.stderr
+
+
+TUPLE_MODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from chip_ext.models import Preprocess
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            f = self.features(x)
+            return self.head(f), f
+
+    def build():
+        torch.manual_seed(0)
+        return Pair(), Preprocess(size=32, resize=36)
+''')
+
+
+def test_a_model_with_a_tuple_output_says_how_to_wrap_it(setup):
+    """The CLI said "'tuple' object has no attribute 'float'"."""
+    tmp, _, images = setup
+    spec = tmp / "pair.py"
+    spec.write_text(TUPLE_MODEL)
+    imp = chip_ext.Importance({"features": torch.randn(4, 8)}, [0, 1, 2, 3])
+    imp.save(tmp / "pair.pt")
+    r = run("explain", "--model", f"{spec}:build", "--importance", tmp / "pair.pt", "--images", images[0],
+            "--out", tmp / "o")
+    assert r.returncode == 1 and "Pair.forward returns a tuple of 2 values" in r.stderr, r.stderr
+    assert "chip_ext.select_output(model, 0)" in r.stderr
+
+
+def test_an_importance_of_other_weights_warns(setup):
+    """Explaining with an importance distilled on other weights gave maps with exit 0 and no warning."""
+    tmp, spec, images = setup
+    other = tmp / "other.py"
+    other.write_text(MODEL_FILE.replace("torch.manual_seed(0)", "torch.manual_seed(1)"))
+    r = run("explain", "--model", f"{other}:build", "--importance", tmp / "imp.pt", "--images", images[0],
+            "--methods", "chip", "--out", tmp / "o")
+    assert r.returncode == 0, r.stderr
+    assert "chip-ext explain: warning: the importance was distilled on a model with other weights" in r.stderr
+    r = run("explain", "--model", f"{spec}:build", "--importance", tmp / "imp.pt", "--images", images[0],
+            "--methods", "chip", "--out", tmp / "o")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr

@@ -743,3 +743,48 @@ def test_same_importance_on_every_device(device, tmp_path):
     for layer in ("relu1", "relu2"):
         W, ref = again.weights[layer].double(), dev.weights[layer].cpu().double()
         assert float((W - ref).norm() / ref.norm()) < 1e-6, layer
+
+
+def test_an_empty_batch_is_skipped():
+    """An empty first batch raised IndexError: index 0 is out of bounds."""
+    data = batches(2)
+    ref = chip_ext.distill(SmallCNN(), data, "relu2", num_perturbations=4, progress=False)
+    empty = torch.empty(0, 3, 10, 10)
+    imp = chip_ext.distill(SmallCNN(), [empty, data[0], empty, data[1]], "relu2", num_perturbations=4, progress=False)
+    assert torch.equal(imp.weights["relu2"], ref.weights["relu2"]) and imp.meta["images_seen"] == 8
+
+
+def test_no_channel_switched_off_warns():
+    """max_drop too small for K: every gate is all ones and W was fitted without a word."""
+    with pytest.warns(UserWarning, match=r"layer 'relu2': no perturbation of the first batch switched a channel off "
+                                         r"\(max_drop=0.01 of K=12"):
+        chip_ext.distill(SmallCNN(), batches(1), "relu2", num_perturbations=4, max_drop=0.01, progress=False)
+
+
+def test_gates_that_do_not_fit_fail_before_they_are_allocated(monkeypatch):
+    """N = 2,000,000 at K = 512 tried to allocate 8 GB of gates."""
+    from chip_ext import memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 64 << 20)
+    with pytest.raises(MemoryError, match=r"the gates and proximity weights of 4 images x N=2000000 perturbations "
+                                          r"x K=12 channels need 152.6 MiB, but only 64.0 MiB is free"):
+        chip_ext.distill(SmallCNN(), batches(1), "relu2", num_perturbations=2_000_000, progress=False)
+
+
+def test_images_of_another_dtype_than_the_model_say_so():
+    """float64 images into a float32 model failed with 'Input type (double) and bias type (float)'."""
+    with pytest.raises(TypeError, match=r"the loader's images are torch.float64 but the model's weights are "
+                                        r"torch.float32.*images.to\(torch.float32\)"):
+        chip_ext.distill(SmallCNN(), [b.double() for b in batches(1)], "relu2", num_perturbations=4, progress=False)
+    with pytest.raises(TypeError, match=r"images are torch.float32 but the model's weights are torch.float16"):
+        chip_ext.distill(SmallCNN().half(), batches(1), "relu2", num_perturbations=4, progress=False)
+
+
+def test_classes_are_checked_after_one_suffix_copy():
+    """Out-of-range classes were found only after the first batch's whole work."""
+    calls = []
+    model = SmallCNN()
+    model.head.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    with pytest.raises(ValueError, match=r"classes \[7\] are out of range: the model has 5 outputs"):
+        chip_ext.distill(model, batches(1), "relu2", classes=[0, 7], num_perturbations=50, progress=False)
+    assert calls == [1]  # one gated copy ran, not the batch's 4 x 50

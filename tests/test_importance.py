@@ -68,3 +68,21 @@ def test_bad_construction():
         Importance({"a": torch.zeros(3, 4)}, [0, 1])
     with pytest.raises(ValueError, match="one name per class"):
         Importance({"a": torch.zeros(2, 4)}, [0, 1], class_names=["x"])
+
+
+def test_bad_contents_are_refused():
+    """NaN weights gave all-zero maps silently; duplicate classes or names left rows unreachable;
+    top_channels(0.7) was class 0."""
+    import pytest
+
+    with pytest.raises(ValueError, match=r"weights\['l'\] must be finite floating-point; it has 3 NaN/Inf entries"):
+        Importance({"l": torch.tensor([[1.0, float("nan")], [float("inf"), float("-inf")]])}, [0, 1])
+    with pytest.raises(ValueError, match=r"classes must be distinct .*\[1\] appear more than once"):
+        Importance({"l": torch.zeros(3, 2)}, [1, 2, 1])
+    with pytest.raises(ValueError, match=r"class_names must be distinct .*\['cat'\] appear more than once"):
+        Importance({"l": torch.zeros(2, 2)}, [0, 1], class_names=["cat", "cat"])
+    imp = Importance({"l": torch.tensor([[1.0, 2.0], [3.0, 0.0]])}, [4, 0])
+    for bad in (0.7, True, None):
+        with pytest.raises(TypeError, match="a class is a model output index"):
+            imp.top_channels(bad)
+    assert imp.row(torch.tensor(0)) == 1 and imp.top_channels(0, k=1)[0].tolist() == [0]
