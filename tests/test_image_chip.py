@@ -162,3 +162,85 @@ def test_a_map_does_not_depend_on_the_rest_of_the_batch(fit):
 
     keys = content_keys(x)
     assert len(set(keys)) == 3 and keys[2] == content_keys(x[2:3])[0] and all(0 <= k < 2 ** 63 for k in keys)
+
+
+# --------------------------------------------- an independent reference on a non-linear head
+
+class DeepHead(nn.Module):
+    """conv -> ReLU ('act', the layer) -> conv -> ReLU -> global pooling -> linear: a non-linear head,
+    so the proximity weights and the score change the fit (every planted head above is linear)."""
+
+    def __init__(self, K=5, C=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, K, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(K, 7, 3, padding=1)
+        self.fc = nn.Linear(7, C)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(self.act(self.conv(x)))).mean(dim=(2, 3)))
+
+
+def _reference_fit(model, image, t, masks, z, sigma, score, lam_ratio):
+    """The per-image Lasso rebuilt from its definition: the full model with the layer's output multiplied
+    by each mask (a forward hook, no split), the target's score, h = exp(-||d - 1||² / σ²), and
+    scikit-learn's Lasso with sample_weight=h and an intercept, λ = lam_ratio · λ_max (weighted, centred)."""
+    import numpy as np
+    from sklearn.linear_model import Lasso
+
+    N = masks.shape[0]
+    handle = model.act.register_forward_hook(lambda m, i, o: o * masks)
+    try:
+        with torch.no_grad():
+            out = model(image.expand(N, -1, -1, -1))
+    finally:
+        handle.remove()
+    y = (torch.softmax(out, dim=1) if score == "prob" else out)[:, t].numpy()
+    gates = z["gates"]
+    h = np.exp(-((1 - gates) ** 2).sum(1) / sigma ** 2)
+    X = z["X"]
+    xm, ym = h @ X / h.sum(), h @ y / h.sum()
+    lam = lam_ratio * np.abs(((X - xm) * (h * (y - ym))[:, None]).sum(0) / h.sum()).max()
+    ref = Lasso(alpha=lam, fit_intercept=True, tol=1e-14, max_iter=1_000_000).fit(X, y, sample_weight=h)
+    return torch.tensor(ref.coef_)
+
+
+@pytest.mark.parametrize("score", ["logit", "prob"])
+def test_image_chip_matches_an_independent_weighted_lasso(score):
+    """Catches a fit that ignores the proximity weights, and "prob" normalised over the perturbations
+    instead of the classes."""
+    from chip_ext.gates import content_keys, sample_gates
+
+    torch.manual_seed(0)
+    model = DeepHead().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    t = torch.tensor([1, 3])
+    N, K, lam_ratio = 48, 5, 0.01
+    W, A, _ = image_chip_weights(model, x, "act", t, num_perturbations=N, lam_ratio=lam_ratio, score=score)
+    gates = sample_gates(content_keys(x), N, K, seed=0, layer="act", max_drop=0.5).double()
+    a = A.double().mean(dim=(2, 3))
+    for i in range(2):
+        z = {"gates": gates[i].numpy(), "X": (gates[i] * a[i]).numpy()}
+        ref = _reference_fit(model, x[i:i + 1], int(t[i]), gates[i][:, :, None, None], z, (K / 4) ** 0.5,
+                             score, lam_ratio)
+        assert torch.allclose(W[i], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max())), (i, W[i], ref)
+
+
+def test_region_chip_matches_an_independent_weighted_lasso_on_a_non_square_map():
+    """Catches the cell grid with height and width swapped (every test map was square), the default
+    proximity width taken from the channel count instead of the cell count, and ignored weights."""
+    from chip_ext.gates import content_keys, sample_gates
+
+    torch.manual_seed(1)
+    model = DeepHead().double().eval()
+    x = torch.randn(1, 3, 12, 16, dtype=torch.float64)  # the layer's map is 12 x 16: 2 x 2 cells, a 6 x 8 grid
+    t = torch.tensor([2])
+    N, lam_ratio = 64, 0.03
+    beta, _ = region_chip_weights(model, x, "act", t, num_perturbations=N, lam_ratio=lam_ratio)
+    assert beta.shape == (1, 6, 8)
+    gates = sample_gates(content_keys(x), N, 48, seed=0, layer="act#cells", max_drop=0.5).double()[0]
+    cells = gates.view(N, 6, 8)
+    masks = cells.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None]  # [N, 1, 12, 16], row-major cells
+    z = {"gates": gates.numpy(), "X": gates.numpy()}
+    ref = _reference_fit(model, x, 2, masks, z, (48 / 4) ** 0.5, "logit", lam_ratio)
+    assert torch.allclose(beta.flatten(), ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max())), (beta.flatten(), ref)
