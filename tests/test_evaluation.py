@@ -245,3 +245,50 @@ def test_standard_methods_names_and_options(resnet):
     assert set(evaluation.standard_methods(resnet, ["center", "rise"])) == {"center", "rise"}  # layer-free
     with pytest.raises(ValueError, match="options for unknown"):
         evaluation.standard_methods(resnet, ["rise"], options={"risee": {}})
+
+
+def test_ties_take_the_lowest_threshold_of_the_default_grid():
+    """wsolevaluation's grid is 0.00, 0.01, ..., 0.99 and the first best threshold wins: a grid reversed
+    (ties broken at the highest threshold) changed the calibrated threshold without failing a test."""
+    import numpy as np
+    import torch
+
+    from chip_ext.evaluation import evaluate
+    from chip_ext.localization import DEFAULT_THRESHOLDS
+
+    assert len(DEFAULT_THRESHOLDS) == 100 and DEFAULT_THRESHOLDS[0] == 0.0 and DEFAULT_THRESHOLDS[-1] == 0.99
+    assert np.all(np.diff(DEFAULT_THRESHOLDS) > 0)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(3, S, S), 0, np.array([GT_BOX])
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 2)
+
+    r = evaluate(Model(), Data(), {"m": lambda x, t: kind_map("right").expand(x.shape[0], S, S)}, lambda x: x,
+                 batch_size=2, progress=False)  # right at every threshold: a tie over the whole grid
+    m = r["methods"]["m"]
+    assert m["calibrated_threshold"] == 0.0 and m["best_threshold_on_evaluation"] == 0.0
+    assert m["max_box_acc_threshold_all_images"] == 0.0
+
+
+def test_max_box_acc_v2_top_iou_is_0_7():
+    """A box at IoU 0.727 with the GT is right at 0.7: MaxBoxAccV2 with its top IoU at 0.75 would count
+    it wrong (no test box had an IoU between the two)."""
+    import numpy as np
+    import torch
+
+    from chip_ext.localization import box_from_map, iou, max_box_acc_v2
+
+    m = torch.zeros(S, S)
+    blob(m, 8, 8, 23, 29, 1.0)  # the GT's 16 columns, 22 rows: IoU 256 / 352
+    box = box_from_map(m, 0.5)
+    value = float(iou(np.array([box]), np.array([GT_BOX]))[0, 0])
+    assert 0.7 <= value < 0.75, value
+    per = max_box_acc_v2(m[None], [np.array([GT_BOX])], thresholds=np.array([0.5]))
+    assert per["iou70"] == 1.0 and per["iou50"] == 1.0 and per["iou30"] == 1.0

@@ -277,3 +277,55 @@ def test_same_maps_on_every_device(model, importance, device, method, options):
         got = chip_ext.explain(on, x.to(device), importance, method=method, target=[3, 7], **options)
     assert got.device.type == device and got.shape == want.shape
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-4)
+
+
+def test_an_importance_of_other_weights_warns_once_and_the_same_weights_do_not():
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    model = __import__("torchvision").models.resnet18(num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    imp = chip_ext.distill(model, [x], "layer4", classes=[0, 1], num_perturbations=4, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chip_ext.explain(model, x, imp, target=0)  # the same weights: silent
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.fc.weight.mul_(2)  # changed in place: the fingerprint is computed again
+    with pytest.warns(UserWarning, match=r"the importance was distilled on a model with other weights"):
+        chip_ext.explain(other, x, imp, target=0)
+    with pytest.warns(UserWarning, match=r"other weights"):
+        chip_ext.explain(_changed_in_place(model), x, imp, target=0)  # the same object, weights changed
+
+
+def _changed_in_place(model):
+    with torch.no_grad():
+        model.layer4[0].conv1.weight.add_(1.0)
+    return model
+
+
+def test_a_dict_output_says_how_to_wrap_the_model():
+    """A dict output gave AttributeError: 'dict' object has no attribute 'shape'."""
+    class Dict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = __import__("torchvision").models.resnet18(num_classes=4)
+
+        def forward(self, x):
+            return {"logits": self.net(x), "features": x}
+
+    model, x = Dict().eval(), torch.randn(1, 3, 32, 32)
+    imp = Importance({"net.layer4": torch.randn(4, 512)}, [0, 1, 2, 3])
+    pattern = (r"Dict.forward returns a dict with keys \['logits', 'features'\]; chip_ext needs a model that returns "
+               r"one logits tensor \[B, C\]. Wrap it: chip_ext.select_output\(model, 'logits'\)")
+    for call in (lambda m: chip_ext.explain(m, x, imp), lambda m: bl.gradcam(m, x, "net.layer4"),
+                 lambda m: bl.guided_backprop(m, x)):
+        with pytest.raises((TypeError, ValueError), match=pattern):
+            call(model)
+    wrapped = chip_ext.select_output(model, "logits")
+    assert [n for n, _ in wrapped.named_modules()] == [n for n, _ in model.named_modules()]
+    maps = chip_ext.explain(wrapped, x, imp)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), model(x)["logits"])
+    assert maps.shape == (1, 32, 32)

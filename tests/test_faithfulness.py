@@ -96,3 +96,16 @@ def test_bad_arguments(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         F.perturbation_curve(RegionFraction(), torch.ones(1, 3, 16, 16), args["maps"], 0, mode=args["mode"],
                              step=args["step"])
+
+
+def test_the_given_target_is_followed_not_the_top1():
+    """Every test image was classified right, so following the top-1 class instead of the given target
+    went unseen. Here the top-1 is class 0 throughout the first steps; class 1's probability is 1 - q:
+    deleting R (the perfect map for class 0) raises it: curve 0, .5, 1, 1, 1 -> AUC 0.75 (class 0: 0.25)."""
+    x = torch.ones(1, 3, 16, 16)
+    perfect = torch.zeros(1, 16, 16)
+    perfect[:, :8] = 1
+    curve = F.perturbation_curve(RegionFraction(), x, perfect, 1, mode="deletion", step=64)
+    assert torch.allclose(curve, torch.tensor([[0.0, 0.5, 1.0, 1.0, 1.0]]), atol=1e-5)
+    scores = F.deletion_insertion(RegionFraction(), x, perfect, torch.tensor([1]), step=64)
+    assert abs(float(scores["deletion"]) - 0.75) < 1e-5
