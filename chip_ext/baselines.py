@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .maps import (Target, cached_split, check_images, check_logits, inference_view, layer_activations, normalize_maps,
+from .maps import (Target, cached_split, check_images, check_logits, run_model, inference_view, layer_activations, normalize_maps,
                    resolve_target, upsample)
 
 # autograd nodes of ReLU-type ops (relu, relu_, F.relu(inplace=True), relu6/ReLU6 = hardtanh(0, 6))
@@ -129,7 +129,7 @@ def guided_backprop(model: nn.Module, images: Tensor, target: Target = None) -> 
     view = inference_view(model)
     with torch.enable_grad():
         x = images.detach().clone().requires_grad_(True)
-        logits = check_logits(view(x), model)
+        logits = check_logits(run_model(view, view, x), model)
         t = resolve_target(target, logits)
         score = logits.gather(1, t[:, None]).sum()
         _guide(score.grad_fn)

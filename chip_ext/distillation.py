@@ -136,8 +136,9 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         use, the last clean cut point before global pooling (`chip_ext.split.default_layer`: VGG16
         'features.29', ResNet-50 'layer4', EfficientNet-Lite0 'bn2'), named in the progress bar and
         in imp.meta["layers"] (imp.meta["layers_default"] is True).
-    classes: the model outputs to explain (default: all). num_perturbations: N gated networks per
-        image, the unperturbed one included. sigma: proximity width, h = exp(-||d-1||²/σ²): None
+    classes: the model outputs to explain (default: all; distinct indices >= 0). num_perturbations: N
+        gated networks per image, the unperturbed one included (N >= 2). max_drop: the largest fraction
+        of channels a perturbation switches off (> 0; distill warns when none is switched off). sigma: proximity width, h = exp(-||d-1||²/σ²): None
         (default √(K/4) per layer), one number for every layer, or {layer: σ} (layers left out get the
         default). One absolute σ suits one K only: at a layer with more channels the same σ drives h
         of every perturbed network to ~0, and distill warns when that happens.
@@ -162,8 +163,11 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         copies and the suffix's activations per suffix call (default 32 MiB on CPU, 1/8 of free GPU
         memory; see `memory.default_memory_budget`).
     checkpoint: a file to write the running sums to every `checkpoint_every` seconds and at the
-        end; calling again with the same file resumes (and re-solves, if the pass had finished).
-    autocast_dtype: e.g. torch.bfloat16 to run the suffix under autocast (GPU).
+        end; calling again with the same file resumes (and re-solves, if the pass had finished). The
+        run holds a lock on it (`<checkpoint>.lock`): a second process on the same path is refused. If
+        the final save fails, distill warns and still returns the Importance.
+    autocast_dtype: None, torch.bfloat16 or torch.float16 (or "bf16" / "fp16") to run the suffix
+        under autocast (GPU); part of the checkpoint's configuration.
     max_images: stop after this many images. profile: synchronise the GPU for per-stage timings.
 
     torch.distributed (initialised by the caller, e.g. under torchrun): rank r forwards the images

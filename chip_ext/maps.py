@@ -227,6 +227,25 @@ def shared_activations() -> Iterator[None]:
         _SHARED.reset(token)
 
 
+def dtype_error(model: nn.Module, images: Tensor, err: RuntimeError, where: str = "images") -> Exception:
+    """float64 images into a float32 model (or float32 into a half one) fail deep in the first layer with
+    a message about bias types: a TypeError in the user's terms when that is the cause, else `err`."""
+    want = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
+    if want is not None and images.dtype != want:
+        return TypeError(f"the {where} are {images.dtype} but the model's weights are {want}, and the model "
+                         f"failed on them ({str(err).splitlines()[0][:120]}): convert one to the other "
+                         f"(e.g. images.to({want}))")
+    return err
+
+
+def run_model(fn, model: nn.Module, images: Tensor):
+    """fn(images), a RuntimeError from a dtype mismatch between the images and the model said plainly."""
+    try:
+        return fn(images)
+    except RuntimeError as err:
+        raise dtype_error(model, images, err) from err
+
+
 def layer_activations(view: nn.Module, images: Tensor, layer: str) -> Tensor:
     """The output A of `layer` for `images` through the inference view `view` (no gradient), computed
     once per (view, layer, images) inside `shared_activations()`, every call outside one. The result
@@ -235,11 +254,11 @@ def layer_activations(view: nn.Module, images: Tensor, layer: str) -> Tensor:
     memo = _SHARED.get()
     if memo is None:
         with torch.no_grad():
-            return prefix(images)
+            return run_model(prefix, view, images)
     key = (id(view), layer)
     hit = memo.get(key)
     # the same view and images objects (both held here, so their ids cannot be reused) at the same version
     if hit is None or hit[0] is not view or hit[1] is not images or hit[2] != images._version:
         with torch.no_grad():
-            hit = memo[key] = (view, images, images._version, prefix(images))
+            hit = memo[key] = (view, images, images._version, run_model(prefix, view, images))
     return hit[3]

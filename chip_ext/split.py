@@ -87,7 +87,8 @@ def _may_mutate(n: fx.Node) -> bool:
     if n.op == "call_method":
         return n.target.endswith("_") and not n.target.startswith("__")
     name = getattr(n.target, "__name__", "")
-    return (n.is_impure() or "out" in n.kwargs or name.endswith("_")
+    inplace = n.kwargs.get("inplace") is True or any(a is True for a in n.args)  # F.relu(x, inplace=True)
+    return (n.is_impure() or inplace or "out" in n.kwargs or name.endswith("_")
             or (getattr(n.target, "__module__", None) in ("_operator", "operator")
                 and (name.startswith("i") or name in ("setitem", "delitem"))))
 

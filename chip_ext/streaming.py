@@ -18,6 +18,7 @@ from .checkpoints import CheckpointedRun
 from .distributed import class_block
 from .fingerprints import image_fingerprint
 from .gates import default_sigma, proximity, sample_gates
+from .maps import dtype_error
 from .memory import PeakMeter, fmt_bytes, suffix_pieces
 from .ranks import RankedRun
 from .solver import solve_sums, solver_report
@@ -191,16 +192,6 @@ class Run(CheckpointedRun, RankedRun):
                              "(another dataset, order, transform or batch layout): resume with the same loader, "
                              "or pass another checkpoint path")
 
-    def _dtype_error(self, s: LayerState, x: Tensor, err: RuntimeError) -> Exception:
-        """float64 images into a float32 model (or float32 into a half one) fail deep in the first
-        layer with a message about bias types: say it in the user's terms when that is the cause."""
-        want = next((t.dtype for t in s.prefix.parameters() if t.is_floating_point()), None)
-        if want is not None and x.dtype != want:
-            return TypeError(f"the loader's images are {x.dtype} but the model's weights are {want}, and the "
-                             f"model failed on them ({str(err).splitlines()[0][:120]}): convert one to the other "
-                             f"(e.g. images.to({want}) in the loader's transform)")
-        return err
-
     def check_finished_run(self, loader, checkpoint) -> None:
         """A finished checkpoint is re-solved without reading the images; it must be the same run:
         max_images and the dataset's length as recorded, and the loader's first image (read when the
@@ -362,7 +353,7 @@ class Run(CheckpointedRun, RankedRun):
             try:
                 A = s.prefix(x)
             except RuntimeError as err:
-                raise self._dtype_error(s, x, err) from err
+                raise dtype_error(s.prefix, x, err, "loader's images") from err
         if not isinstance(A, Tensor) or A.dim() != 4:
             shape = list(A.shape) if isinstance(A, Tensor) else type(A).__name__
             raise ValueError(f"layer {s.name!r} outputs {shape}; CHIP needs a convolutional feature "

@@ -329,3 +329,13 @@ def test_a_dict_output_says_how_to_wrap_the_model():
     with torch.no_grad():
         assert torch.equal(wrapped(x), model(x)["logits"])
     assert maps.shape == (1, 32, 32)
+
+
+def test_images_of_another_dtype_than_the_model_say_so(model, importance):
+    """float64 images with a float32 model failed with torch's 'Input type (double) and bias type (float)'."""
+    x = images().double()
+    for call in (lambda: chip_ext.explain(model, x, importance, target=3), lambda: bl.gradcam(model, x, "layer4"),
+                 lambda: bl.guided_backprop(model, x)):
+        with pytest.raises(TypeError, match=r"the images are torch.float64 but the model's weights are "
+                                            r"torch.float32.*images.to\(torch.float32\)"):
+            call()

@@ -210,3 +210,33 @@ def test_a_model_is_traced_once():
     finally:
         split_module.trace = real
     assert len(calls) == 1
+
+
+def test_unused_results_are_pruned_but_in_place_ops_are_kept():
+    """A dropped output (x.mean() below) is no skip connection around the layer; an in-place op whose
+    result is unused still changes its input and must stay."""
+    import torch.nn.functional as F
+
+    from chip_ext.split import trace
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x.mean()  # unused
+            a = self.conv(x)
+            F.relu(a, inplace=True)  # result unused, a changed in place
+            a.mul_(2)
+            return self.head(a.mean(dim=(2, 3)))
+
+    model = M().eval()
+    gm = trace(model)
+    targets = [n.target for n in gm.graph.nodes]
+    assert "mean" in targets and targets.count("mean") == 1 and "mul_" in targets and F.relu in targets
+    x = torch.randn(2, 3, 8, 8)
+    prefix, suffix = split(model, "conv")
+    with torch.no_grad():
+        torch.testing.assert_close(suffix(prefix(x)), model(x), rtol=0, atol=0)
