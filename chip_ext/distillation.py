@@ -347,4 +347,4 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         "timing_s": dict(stages.seconds), "device": str(device), "chip_ext_version": __version__,
     }
     return Importance(weights, chosen, class_names=names, meta=meta,
-                      intercepts=intercepts if fit_intercept else None)
+                      intercepts=intercepts if fit_intercept else None, feature_means=run.feature_means)

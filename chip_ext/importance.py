@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 FORMAT = "chip_ext.Importance"
-FORMAT_VERSION = 2  # 2: intercepts (fit_intercept); version 1 files load with intercepts None
+# 2: intercepts (fit_intercept); version 1 files load with intercepts None.
+# 3: feature_means (the class-weighted mean pooled features); version 1-2 files load with them None.
+FORMAT_VERSION = 3
 
 
 class Importance:
@@ -23,13 +25,17 @@ class Importance:
     indices of the model's output they cover; class_names: optional names, one per class;
     intercepts: {layer: Tensor[C]} when distilled with fit_intercept=True, else None: the
     unpenalised per-class intercept of the Lasso (score ≈ W[c]·z + intercept[c]);
+    feature_means: {layer: Tensor[C, K]} or None: per class, the mean of the pooled gated features z
+    over the distillation's samples, weighted as the Lasso weights them (Σ f^c h z / Σ f^c h), so
+    W[c, k] · feature_means[c, k] is channel k's mean contribution to class c's score: what removing
+    it does (`top_channels(by="effect")`);
     meta: hyper-parameters, images seen, perturbations, seed, layer shapes, library version,
     model fingerprint, solver report, timings.
     """
 
     def __init__(self, weights: dict[str, Tensor], classes: list[int], *,
                  class_names: list[str] | None = None, meta: dict[str, Any] | None = None,
-                 intercepts: dict[str, Tensor] | None = None):
+                 intercepts: dict[str, Tensor] | None = None, feature_means: dict[str, Tensor] | None = None):
         if not weights:
             raise ValueError("weights must hold at least one layer")
         C = len(classes)
@@ -55,10 +61,23 @@ class Importance:
                 if not isinstance(b0, Tensor) or tuple(b0.shape) != (C,):
                     shape = list(b0.shape) if isinstance(b0, Tensor) else type(b0).__name__
                     raise ValueError(f"intercepts[{layer!r}] must be a Tensor[C] with C={C}; got {shape}")
+        if feature_means is not None:
+            if set(feature_means) != set(weights):
+                raise ValueError(f"feature_means must have the layers of weights {list(weights)}; "
+                                 f"got {list(feature_means)}")
+            for layer, m in feature_means.items():
+                if not isinstance(m, Tensor) or tuple(m.shape) != tuple(weights[layer].shape):
+                    shape = list(m.shape) if isinstance(m, Tensor) else type(m).__name__
+                    raise ValueError(f"feature_means[{layer!r}] must be a Tensor{list(weights[layer].shape)} like "
+                                     f"weights[{layer!r}]; got {shape}")
+                if not m.is_floating_point() or not bool(torch.isfinite(m).all()):
+                    raise ValueError(f"feature_means[{layer!r}] must be finite floating-point values")
         if class_names is not None and len(class_names) != C:
             raise ValueError(f"class_names must have one name per class ({C}); got {len(class_names)}")
         self.weights = {k: v.detach().cpu() for k, v in weights.items()}
         self.intercepts = None if intercepts is None else {k: v.detach().cpu() for k, v in intercepts.items()}
+        self.feature_means = (None if feature_means is None
+                              else {k: v.detach().cpu().float() for k, v in feature_means.items()})
         self.classes = [int(c) for c in classes]
         self.class_names = list(class_names) if class_names is not None else None
         self.meta = dict(meta or {})
@@ -83,20 +102,46 @@ class Importance:
             raise KeyError(f"class {cls} was not distilled (distilled: {len(self.classes)} classes)")
         return self.classes.index(int(cls))
 
-    def top_channels(self, cls: int | str, k: int = 10, layer: str | None = None) -> tuple[Tensor, Tensor]:
-        """The k channels with the largest importance for `cls` -> (channel indices, weights)."""
+    def effect(self, layer: str | None = None) -> Tensor:
+        """Tensor[C, K]: W[c, k] · feature_means[c, k], channel k's mean contribution to class c's score
+        (in the target's units): what switching the channel off does, on average over the class's samples."""
+        layer = self._layer(layer)
+        if self.feature_means is None:
+            raise ValueError("this Importance has no feature_means (written by an older chip_ext, or built by "
+                             "hand): the effect needs them; distil again, or rank by='weight'")
+        return self.weights[layer] * self.feature_means[layer]
+
+    def top_channels(self, cls: int | str, k: int = 10, layer: str | None = None, *,
+                     by: str | None = None) -> tuple[Tensor, Tensor]:
+        """The k channels that matter most for `cls` -> (channel indices, their scores).
+
+        by="effect" (the default when the importance has feature_means): the largest W[c, k] · z̄[c, k],
+        the channels whose removal lowers the class's score most; by="weight": the largest W[c, k] (the
+        paper's order, Fig. 9/10: a coefficient per unit of pooled activation, which ranks a rarely
+        active channel with a large coefficient first)."""
+        layer = self._layer(layer)
+        by = by or ("effect" if self.feature_means is not None else "weight")
+        if by not in ("effect", "weight"):
+            raise ValueError(f"by must be 'effect' or 'weight'; got {by!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1; got {k!r}")
+        row = self.row(cls)
+        w = (self.effect(layer) if by == "effect" else self.weights[layer])[row]
+        values, idx = torch.topk(w, min(k, w.numel()))
+        return idx, values
+
+    def _layer(self, layer: str | None) -> str:
         layer = layer or self.layers[-1]
         if layer not in self.weights:
             raise KeyError(f"layer {layer!r} not in this Importance (layers: {self.layers})")
-        w = self.weights[layer][self.row(cls)]
-        values, idx = torch.topk(w, min(k, w.numel()))
-        return idx, values
+        return layer
 
     # ---------------------------------------------------------------- persistence
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": self.weights,
-                "intercepts": self.intercepts, "classes": self.classes, "class_names": self.class_names, "meta": _plain(self.meta)}
+                "intercepts": self.intercepts, "feature_means": self.feature_means, "classes": self.classes,
+                "class_names": self.class_names, "meta": _plain(self.meta)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes atomically (a temporary file renamed over `path`)."""
@@ -123,7 +168,7 @@ class Importance:
             raise ValueError(f"{path} was written by a newer chip_ext (format "
                              f"{state['format_version']}; this one reads {FORMAT_VERSION})")
         return cls(state["weights"], state["classes"], class_names=state["class_names"],
-                   meta=state["meta"], intercepts=state.get("intercepts"))
+                   meta=state["meta"], intercepts=state.get("intercepts"), feature_means=state.get("feature_means"))
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in self.weights.items())

@@ -417,26 +417,30 @@ class Run(CheckpointedRun, RankedRun):
         """Solves the classes whose sums this rank holds (s.rows; all of them in one process) and,
         under torch.distributed, gathers every rank's rows. Returns per layer: W [C, K] float32,
         intercepts [C] float32 (zeros without fit_intercept), λ per class, and the solver report."""
-        weights, intercepts, lams, solver_meta = {}, {}, {}, {}
+        weights, intercepts, lams, solver_meta, means = {}, {}, {}, {}, {}
         C = len(self.classes)
         for s in self.states:
             G, b, _, n, zs, gs = s.acc
             r0, r1 = s.rows
             W, b0, lam_c = (torch.zeros(C, s.shape[0], dtype=torch.float64), torch.zeros(C, dtype=torch.float64),
                             torch.zeros(C, dtype=torch.float64))
+            z_mean = torch.zeros(C, s.shape[0], dtype=torch.float64)  # Σ f h z / Σ f h (0 for empty classes)
+            z_mean[r0:r1] = (zs / n.clamp_min(torch.finfo(torch.float64).tiny)[:, None]).cpu()
             W[r0:r1], b0[r0:r1], lam_c[r0:r1], report = solve_sums(
                 G, b, n, zs, gs, s.shape[0], lam=lam, lam_ratio=lam_ratio, rho=rho, max_iter=max_iter, tol=tol,
                 fit_intercept=fit_intercept, positive=positive)
             report["rows"] = [r0 + r for r in report["rows"]]
             report["empty"] = [r0 + r for r in report["empty"]]
             if self.world > 1:
-                W, b0, lam_c = distributed.sum_rows((W, b0, lam_c), self.comm_device)
+                W, b0, lam_c, z_mean = distributed.sum_rows((W, b0, lam_c, z_mean), self.comm_device)
                 parts = distributed.all_gather_object(report)  # blocks in rank order: the classes' order
                 report = {key: ([v for p in parts for v in p[key]] if key != "factorizations"
                                 else sum(p[key] for p in parts)) for key in report}
             weights[s.name] = W.float()
+            means[s.name] = z_mean.float()
             intercepts[s.name] = b0.float()
             lams[s.name] = lam_c
             self.empty_classes[s.name] = [self.classes[r] for r in report["empty"]]
             solver_meta[s.name] = solver_report(s.name, report, self.classes, max_iter)
+        self.feature_means = means
         return weights, intercepts, lams, solver_meta

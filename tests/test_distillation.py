@@ -699,6 +699,9 @@ def test_matches_a_brute_force_eq_11_with_sklearn(sigma, target):
             z.reshape(-1, K).numpy(), g[..., c].reshape(-1).double().numpy(), sample_weight=sw).coef_
         got = imp.weights[layer][row].double().numpy()
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), (c, got, ref)
+        # the feature means behind the effect ranking: Σ f h z / Σ f h
+        mean = (sw[:, None] * z.reshape(-1, K).numpy()).sum(0) / sw.sum()
+        assert np.allclose(imp.feature_means[layer][row].double().numpy(), mean, rtol=1e-5, atol=0)
     # and each weight matters: dropping f or h, or a softmax over the chosen classes only, moves W
     for wrong in ("no f", "no h", "chosen softmax"):
         row, c = 1, classes[1]

@@ -26,11 +26,11 @@ def test_intercepts_roundtrip_and_old_files(tmp_path):
     imp.save(tmp_path / "i.pt")
     back = Importance.load(tmp_path / "i.pt")
     assert torch.equal(back.intercepts["a"], torch.tensor([0.5, -1.0]))
-    assert torch.load(tmp_path / "i.pt", weights_only=True)["format_version"] == 2
-    # a version-1 file (no intercepts) still loads
+    assert torch.load(tmp_path / "i.pt", weights_only=True)["format_version"] == 3
+    # a version-1 file (no intercepts, no feature means) still loads
     state = make().state_dict()
     state["format_version"] = 1
-    del state["intercepts"]
+    del state["intercepts"], state["feature_means"]
     torch.save(state, tmp_path / "v1.pt")
     old = Importance.load(tmp_path / "v1.pt")
     assert old.intercepts is None and old.layers == ["a", "b"]
@@ -86,3 +86,26 @@ def test_bad_contents_are_refused():
         with pytest.raises(TypeError, match="a class is a model output index"):
             imp.top_channels(bad)
     assert imp.row(torch.tensor(0)) == 1 and imp.top_channels(0, k=1)[0].tolist() == [0]
+
+
+def test_top_channels_by_effect_and_by_weight(tmp_path):
+    """The effect W·z̄ ranks what removing a channel does: channel 0 has the largest weight but is almost
+    never active, channel 2 a smaller weight on a large mean activation."""
+    W = {"a": torch.tensor([[3.0, 1.0, 2.0, -1.0], [0.5, 0.2, 0.1, 0.4]])}
+    means = {"a": torch.tensor([[0.01, 1.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0]])}
+    imp = Importance(W, [7, 3], feature_means=means)
+    idx, val = imp.top_channels(7, 3)
+    assert idx.tolist() == [2, 1, 0] and torch.allclose(val, torch.tensor([8.0, 1.0, 0.03]))
+    assert imp.top_channels(7, 3, by="weight")[0].tolist() == [0, 2, 1]
+    assert torch.equal(imp.effect("a"), W["a"] * means["a"])
+    imp.save(tmp_path / "i.pt")
+    assert torch.equal(Importance.load(tmp_path / "i.pt").feature_means["a"], means["a"])
+    plain = Importance(W, [7, 3])
+    assert plain.top_channels(7, 1)[0].tolist() == [0]  # without means: by weight
+    with pytest.raises(ValueError, match="has no feature_means"):
+        plain.top_channels(7, 1, by="effect")
+    with pytest.raises(ValueError, match="by must be 'effect' or 'weight'"):
+        imp.top_channels(7, 1, by="size")
+    with pytest.raises(ValueError, match=r"feature_means\['a'\] must be a Tensor\[2, 4\]"):
+        Importance(W, [7, 3], feature_means={"a": torch.zeros(2, 3)})
+
