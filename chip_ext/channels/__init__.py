@@ -1,0 +1,12 @@
+"""Channels: what CHIP knows that no CAM does. For every class, which channels of a layer matter,
+learned from a dataset (`chip_ext.Importance`), checked for being causal by switching them off
+(`ablation`), and compared with the rankings other methods give (`rankings`).
+
+    from chip_ext import channels
+    sources = channels.rankings(model, loader, "blocks.5", classes, importance=imp)   # {name: Tensor[C, K]}
+    result = channels.ablation(model, images, labels, "blocks.5", sources["chip_effect"], classes, ks=(1, 4, 16))
+"""
+from .ablation import AblationResult, ablation, bootstrap_interval
+from .rankings import gradient_statistics, rankings, top_k
+
+__all__ = ["AblationResult", "ablation", "bootstrap_interval", "gradient_statistics", "rankings", "top_k"]

@@ -1,0 +1,111 @@
+"""chip_ext.channels: class-selective ablation on a planted network whose causal channels are known,
+and the rankings other methods give."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import chip_ext
+from chip_ext import channels
+
+
+class BlockHead(nn.Module):
+    """The layer 'act' is ReLU of the 12-channel input; class c's logit is 3 × the pooled mean of its four
+    channels S_c = {4c, ..., 4c + 3}, and channel 12 (always active, all classes' weight 0.1) is shared.
+    So switching off S_c is what removes class c, and nothing else is."""
+
+    def __init__(self, C=3):
+        super().__init__()
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * C + 1, C, bias=False)
+        W = torch.zeros(C, 4 * C + 1)
+        for c in range(C):
+            W[c, 4 * c:4 * c + 4] = 3.0
+        W[:, -1] = 0.1
+        with torch.no_grad():
+            self.fc.weight.copy_(W)
+
+    def forward(self, x):
+        return self.fc(self.act(x).mean(dim=(2, 3)))
+
+
+def class_images(n_per_class=8, C=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c in range(C):
+        x = 0.1 * torch.rand(n_per_class, 4 * C + 1, 6, 6, generator=g)
+        x[:, 4 * c:4 * c + 4] += 0.6 + 0.3 * torch.rand(n_per_class, 4, 6, 6, generator=g)
+        x[:, -1] += 1.0
+        xs.append(x)
+        ys += [c] * n_per_class
+    return torch.cat(xs), torch.tensor(ys)
+
+
+def planted_scores(C=3):
+    s = torch.zeros(C, 4 * C + 1)
+    for c in range(C):
+        s[c, 4 * c:4 * c + 4] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    return s
+
+
+def test_the_causal_channels_are_selective_and_random_ones_are_not():
+    model = BlockHead().eval()
+    x, y = class_images()
+    truth = channels.ablation(model, x, y, "act", planted_scores(), [0, 1, 2], ks=(1, 4))
+    sel = truth.selectivity()
+    assert truth.base_hit.all() and sel[1] > 0.5 and sel[1] > sel[0] > 0  # all four: the class is gone
+    assert truth.own_hit[:, 1].mean() < 0.1 and np.nanmax(truth.off[:, 1]) <= 1e-6  # others only gain
+    g = torch.Generator().manual_seed(3)
+    noise = [channels.ablation(model, x, y, "act", torch.rand(3, 13, generator=g), [0, 1, 2], ks=(4,)).selectivity()[0]
+             for _ in range(5)]
+    assert float(np.mean(noise)) < 0.5 * sel[1]
+    shared = torch.zeros(3, 13)
+    shared[:, -1] = 1.0  # the channel every class uses a little: removing it is not class-selective
+    assert abs(channels.ablation(model, x, y, "act", shared, [0, 1, 2], ks=(1,)).selectivity()[0]) < 0.05
+
+
+def test_sufficiency_and_the_mean_fill():
+    model = BlockHead().eval()
+    x, y = class_images()
+    kept = channels.ablation(model, x, y, "act", planted_scores(), [0, 1, 2], ks=(4,), keep=True)
+    assert np.nanmax(np.abs(kept.own[:, 0])) < 0.05 and kept.own_hit.all()  # S_c alone keeps the class
+    wrong = torch.roll(planted_scores(), 1, dims=0)  # each class ranked by another class's channels
+    assert channels.ablation(model, x, y, "act", wrong, [0, 1, 2], ks=(4,), keep=True).own[:, 0].mean() > 0.3
+    mean_fill = channels.ablation(model, x, y, "act", planted_scores(), [0, 1, 2], ks=(4,), mode="mean")
+    zero_fill = channels.ablation(model, x, y, "act", planted_scores(), [0, 1, 2], ks=(4,))
+    assert 0 < mean_fill.selectivity()[0] < zero_fill.selectivity()[0]  # the mean keeps a third of each class
+
+
+def test_chip_and_the_gradient_rankings_recover_the_planted_channels():
+    model = BlockHead().eval()
+    x, y = class_images(n_per_class=12)
+    imp = chip_ext.distill(model, [x[:18], x[18:]], "act", num_perturbations=48, lam_ratio=0.01, progress=False)
+    sources = channels.rankings(model, [(x[:18], y[:18]), (x[18:], y[18:])], "act", [0, 1, 2], importance=imp)
+    assert set(sources) == {"chip_weight", "chip_effect", "taylor", "gradcam", "activation", "classifier"}
+    for name in ("chip_effect", "chip_weight", "taylor", "classifier"):
+        top = channels.top_k(sources[name], 4)
+        for c in range(3):
+            assert set(top[c].tolist()) == set(range(4 * c, 4 * c + 4)), (name, c, top[c])
+    stats = channels.gradient_statistics(model, [(x, y)], "act", [0, 1, 2])
+    assert stats["count"].tolist() == [12.0, 12.0, 12.0]
+    # gradcam's weight of channel k for class c is fc[c, k] / (h w): the planted weights over 36 positions
+    torch.testing.assert_close(stats["gradcam"], model.fc.weight.detach() / 36)
+    torch.testing.assert_close(stats["activation"][0], x[:12].mean(dim=(0, 2, 3)))
+
+
+def test_bootstrap_interval_and_bad_arguments():
+    v = np.array([1.0, 2.0, 3.0, 4.0])
+    r = channels.bootstrap_interval(v, boot=500)
+    assert r["mean"] == 2.5 and 1.0 <= r["lo"] < 2.5 < r["hi"] <= 4.0
+    d = channels.bootstrap_interval(v, v - 1, boot=200)
+    assert d["mean"] == d["lo"] == d["hi"] == 1.0  # a paired difference over the same resampled images
+    model = BlockHead().eval()
+    x, y = class_images(2)
+    with pytest.raises(ValueError, match=r"scores must be Tensor\[C, K\] with C=3"):
+        channels.ablation(model, x, y, "act", torch.zeros(2, 13), [0, 1, 2])
+    with pytest.raises(ValueError, match=r"ks must be channel counts between 1 and K=13; got \[0\]"):
+        channels.ablation(model, x, y, "act", planted_scores(), [0, 1, 2], ks=(0,))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        channels.ablation(model, x, y, "act", planted_scores(), [0, 1, 2], mode="blur")
+    with pytest.raises(ValueError, match=r"labels must be Tensor\[B\] with B=6"):
+        channels.ablation(model, x, y[:3], "act", planted_scores(), [0, 1, 2])
