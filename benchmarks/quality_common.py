@@ -50,6 +50,9 @@ PASSES: dict[str, dict] = {
     # first-order effects that Grad-CAM's gradients measure
     "drop02": {"layers": VARIANT_LAYERS, "per_class": 100, "num_perturbations": 32, "max_drop": 0.2},
     "drop01": {"layers": VARIANT_LAYERS, "per_class": 100, "num_perturbations": 32, "max_drop": 0.1},
+    # the channel rankings (channel_ablation.py): the layers of the channels study, distill's defaults, N=32
+    "channels": {"layers": ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"], "per_class": 100,
+                 "num_perturbations": 32},
 }
 
 

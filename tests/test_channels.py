@@ -109,3 +109,54 @@ def test_bootstrap_interval_and_bad_arguments():
         channels.ablation(model, x, y, "act", planted_scores(), [0, 1, 2], mode="blur")
     with pytest.raises(ValueError, match=r"labels must be Tensor\[B\] with B=6"):
         channels.ablation(model, x, y[:3], "act", planted_scores(), [0, 1, 2])
+
+
+# ------------------------------------------------------------------------------------- the atlas
+
+def test_the_atlas_keeps_exactly_the_top_positions(tmp_path):
+    """Against a full sort of every image's peak per channel on a small set; ties keep the earlier image."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(5, 2)).eval()
+    x = torch.randn(23, 3, 8, 6)
+    x[7] = x[3]  # a tie: image 3 must come before image 7
+    book = channels.atlas(model, [x[:5], x[5:6], x[6:17], x[17:]], "1", top=4, progress=False)
+    with torch.no_grad():
+        A = model[1](model[0](x))
+    peak, where = A.flatten(2).max(dim=2)  # [23, 5]
+    for k in range(5):
+        order = sorted(range(23), key=lambda i: (-float(peak[i, k]), i))[:4]
+        assert book.images[k].tolist() == order
+        assert torch.equal(book.values[k], peak[order, k])
+        assert book.positions[k].tolist() == [[int(where[i, k]) // 6, int(where[i, k]) % 6] for i in order]
+    assert book.images_seen == 23 and book.map_size == (8, 6) and book.input_size == (8, 6)
+    assert (book.images == 3).any() and 3 in book.images[(book.images == 7).any(1)].flatten().tolist()
+    book.save(tmp_path / "atlas.pt")
+    back = channels.Atlas.load(tmp_path / "atlas.pt")
+    assert torch.equal(back.values, book.values) and torch.equal(back.positions, book.positions)
+    assert torch.load(tmp_path / "atlas.pt", weights_only=True)["format"] == "chip_ext.channels.Atlas"
+
+
+def test_fewer_images_than_top_leave_empty_slots():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
+    book = channels.atlas(model.eval(), [torch.randn(3, 3, 4, 4)], "1", top=5, progress=False)
+    assert (book.images[:, 3:] == -1).all() and torch.isinf(book.values[:, 3:]).all()
+    with pytest.raises(ValueError, match="top must be an int >= 1"):
+        channels.atlas(model, [torch.randn(1, 3, 4, 4)], "1", top=0)
+
+
+def test_crops_match_the_receptive_field_of_a_known_geometry():
+    """conv 3x3 (stride 1) -> conv 3x3 stride 2 -> conv 3x3: receptive field 3 + 2 + 2·2 = 9 pixels, stride 2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 2)).double().eval()
+    field = channels.receptive_field(model, "5", (32, 32))
+    assert field.size == (9, 9) and field.stride == (2.0, 2.0) and field.how == "gradient"
+    # position (r, c) of the 16 x 16 map is centred on input pixel (2r, 2c): box [2r - 4, 2r + 5)
+    assert field.box(8, 5) == (10 - 4, 16 - 4, 10 + 5, 16 + 5)
+    assert field.box(0, 0) == (0, 0, 5, 5)  # clipped at the border
+    assert field.box(15, 15) == (26, 26, 32, 32)
+    book = channels.atlas(model, [torch.randn(2, 3, 32, 32, dtype=torch.float64)], "5", top=2, progress=False)
+    r, c = book.positions[0, 0].tolist()
+    assert book.crop_box(0, 0, field) == field.box(r, c)

@@ -5,8 +5,11 @@ learned from a dataset (`chip_ext.Importance`), checked for being causal by swit
     from chip_ext import channels
     sources = channels.rankings(model, loader, "blocks.5", classes, importance=imp)   # {name: Tensor[C, K]}
     result = channels.ablation(model, images, labels, "blocks.5", sources["chip_effect"], classes, ks=(1, 4, 16))
+    book = channels.atlas(model, loader, "blocks.5", top=16)   # per channel: its top images and positions
 """
 from .ablation import AblationResult, ablation, bootstrap_interval
+from .atlas import Atlas, ReceptiveField, atlas, receptive_field
 from .rankings import gradient_statistics, rankings, top_k
 
-__all__ = ["AblationResult", "ablation", "bootstrap_interval", "gradient_statistics", "rankings", "top_k"]
+__all__ = ["AblationResult", "Atlas", "ReceptiveField", "ablation", "atlas", "bootstrap_interval",
+           "gradient_statistics", "rankings", "receptive_field", "top_k"]

@@ -1,0 +1,145 @@
+"""Is CHIP's class-by-channel importance causal, and more class-selective than the rankings other
+methods give? Class-selective channel ablation (`chip_ext.channels.ablation`) on EfficientNet-Lite0.
+
+Rankings, all from the same training images (the shared Imagenette train images, `--per-class` a
+class): CHIP's effect W·z̄ (`Importance.top_channels`'s default) and its weight W (the paper's order),
+both from the distillation pass "channels" of `quality_common.py` (defaults: prob target, λ/λ_max 0.03,
+intercept, N=32); the dataset averages over class-c images of gradient × activation (first-order
+Taylor), Grad-CAM's channel weight, the mean activation; CAM's classifier rows (bn2 only); random
+channels (5 draws, a floor). Measured on the Imagenette val images (the evaluation half, odd
+indices, unless --half all): for each class, its top-k channels set to 0; selectivity = the fall of
+the class's probability on its own images - the mean fall of the true class's probability on other
+images, with 95% bootstrap intervals over images.
+
+    python benchmarks/quality_common.py channels            # the distillation pass (resumable, ~10 min here)
+    python benchmarks/channel_ablation.py                    # ~15 min on 2 cores
+    python benchmarks/channel_ablation.py --layers blocks.5 --ks 1,4 --half calibration
+
+Writes benchmarks/results/channel_ablation.json (curves over k per layer and ranking) and
+channel_ablation.png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_common as qc  # noqa: E402
+
+from chip_ext import channels, data  # noqa: E402
+
+LAYERS = ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"]
+RANDOM_DRAWS = 5
+
+
+def train_loader(pre, per_class: int):
+    ds = data.ImageNetTrain(qc.DATA / "imagenette" / "train", pre, per_class=per_class)
+    return ds, DataLoader(ds, batch_size=16, num_workers=1)
+
+
+def val_images(pre, half: str):
+    val = qc.val_dataset(pre)
+    cal, ev = qc.halves(len(val))
+    idx = {"calibration": cal, "evaluation": ev, "all": list(range(len(val)))}[half]
+    xs, ys = [], []
+    for x, y, _ in DataLoader(Subset(val, idx), batch_size=32, collate_fn=data.collate_localization):
+        xs.append(pre.normalize(x))
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", default=",".join(LAYERS))
+    p.add_argument("--ks", default="1,2,4,8,16")
+    p.add_argument("--half", default="evaluation", choices=("evaluation", "calibration", "all"))
+    p.add_argument("--per-class", type=int, default=100, help="train images a class for the rankings (100)")
+    p.add_argument("--others", type=int, default=30, help="images of other classes each class is ablated on (30)")
+    p.add_argument("--mode", default="zero", choices=channels.ablation.__globals__["MODES"])
+    p.add_argument("--out", default=str(qc.RESULTS / "channel_ablation.json"))
+    args = p.parse_args(argv)
+    layers = [l for l in args.layers.split(",") if l]
+    ks = [int(k) for k in args.ks.split(",")]
+    torch.set_num_threads(int(os.environ.get("CHIP_EXT_THREADS", torch.get_num_threads())))
+
+    model, pre = qc.load_model()
+    ck = qc.WORK / "channels.ckpt"
+    if not ck.is_file():
+        qc.distill_pass("channels")
+    imp = qc.solve(model, "channels", lam_ratio=0.03, fit_intercept=True)  # distill's defaults
+    ds, loader = train_loader(pre, args.per_class)
+    classes = ds.classes
+    x, y = val_images(pre, args.half)
+    print(f"{len(x)} val images ({args.half}), {len(classes)} classes, rankings from {len(ds)} train images",
+          flush=True)
+    result = {"benchmark": "channel_ablation", "date": dt.date.today().isoformat(),
+              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+              "model": qc.MODEL, "val_half": args.half, "val_images": len(x), "classes": classes,
+              "train_images_per_class": args.per_class, "others_per_class": args.others, "mode": args.mode,
+              "distillation": {k: imp.meta.get(k) for k in ("num_perturbations", "lam_ratio", "fit_intercept",
+                                                            "target", "images_seen")},
+              "layers": {}}
+    for layer in layers:
+        t0 = time.perf_counter()
+        sources = channels.rankings(model, ((im, lab) for im, lab in loader), layer, classes, importance=imp)
+        g = torch.Generator().manual_seed(0)
+        K = next(iter(sources.values())).shape[1]
+        runs = {name: channels.ablation(model, x, y, layer, s, classes, ks=ks, mode=args.mode,
+                                        others_per_class=args.others).summary()
+                for name, s in sources.items()}
+        draws = [channels.ablation(model, x, y, layer, torch.rand(len(classes), K, generator=g), classes, ks=ks,
+                                   mode=args.mode, others_per_class=args.others, seed=d) for d in range(RANDOM_DRAWS)]
+        runs["random"] = {"ks": ks, "per_k": {str(k): {"selectivity": {"mean": float(np.mean([r.selectivity()[j]
+                                                                                            for r in draws]))}}
+                                               for j, k in enumerate(ks)}, "draws": RANDOM_DRAWS}
+        # paired: CHIP effect - each other ranking, per image, over the same resampled images
+        result["layers"][layer] = {"K": K, "rankings": runs, "seconds": round(time.perf_counter() - t0, 1)}
+        line = ", ".join(f"{n} {r['per_k'][str(ks[-1])]['selectivity']['mean']:.3f}" for n, r in runs.items())
+        print(f"{layer} (K={K}): selectivity at k={ks[-1]}: {line} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(result["layers"])
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.2), sharey=True, squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for name, r in result["layers"][layer]["rankings"].items():
+            ks = [int(k) for k in r["per_k"]]
+            sel = [r["per_k"][str(k)]["selectivity"] for k in ks]
+            mean = [s["mean"] for s in sel]
+            style = dict(lw=2.2) if name.startswith("chip") else dict(lw=1.2, ls="--" if name == "random" else "-")
+            ax.plot(ks, mean, marker="o", ms=3, label=name, **style)
+            if "lo" in sel[0]:
+                ax.fill_between(ks, [s["lo"] for s in sel], [s["hi"] for s in sel], alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{layer} (K={result['layers'][layer]['K']})")
+        ax.set_xlabel("channels switched off (k)")
+    axes[0][0].set_ylabel("class selectivity")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(f"Class-selective channel ablation, EfficientNet-Lite0, {result['val_images']} Imagenette val "
+                 f"images ({result['date']}; 95% bootstrap bands)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
