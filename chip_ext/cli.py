@@ -261,6 +261,47 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _channels(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from torch.utils.data import DataLoader
+
+    from . import Importance, channels, data, models
+    from .channels.report import write_report
+    from .fingerprints import model_fingerprint
+
+    out = writable_dir(args.out, "--out")
+    imp = Importance.load(args.importance)
+    if args.layer not in imp.weights:
+        raise SystemExit(f"--layer: the importance has no layer {args.layer!r} (it has {', '.join(imp.layers)})")
+    model, pre = models.load(args.model, args.weights)
+    recorded = imp.meta.get("model")
+    if isinstance(recorded, str) and recorded != model_fingerprint(model):
+        raise SystemExit(f"--importance: {args.importance} was distilled on other weights than --model "
+                         f"{args.model}{' --weights ' + str(args.weights) if args.weights else ''} (model fingerprints "
+                         f"{recorded} and {model_fingerprint(model)}): pass the model it was distilled on")
+    if args.layer not in dict(model.named_modules()):
+        raise SystemExit(f"--layer: {args.layer!r} is not a module of {args.model}")
+    if args.squash:
+        pre = dataclasses.replace(pre, squash=True)
+    # the same files in the same order: normalised for the model, and as displayed for the crops
+    dataset = data.ImageNetTrain(args.data, pre.display, per_class=args.per_class)
+    loader = DataLoader(data.ImageNetTrain(args.data, pre, per_class=args.per_class), batch_size=args.batch_size,
+                        num_workers=args.workers)
+    book = channels.atlas(model, loader, args.layer, top=args.top, progress=not args.quiet)
+    K = imp.weights[args.layer].shape[1]
+    if book.K != K:
+        raise SystemExit(f"--importance: layer {args.layer!r} has K={K} channels in the importance but {book.K} "
+                         f"in {args.model}: another model?")
+    field = channels.receptive_field(model, args.layer, tuple(book.input_size))
+    book.meta.update({"model": args.model, "data": str(args.data), "receptive_field": dataclasses.asdict(field)})
+    book.save(out / "atlas.pt")
+    page = write_report(out, book, field, imp, dataset, k=args.k, max_classes=args.max_classes,
+                        title=f"{args.model}")
+    print(f"wrote {page} and atlas.pt ({book.images_seen} images, {book.K} channels, top {book.top})")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -421,6 +462,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="under torchrun: seconds a rank waits for the others before failing (1800)")
     di.add_argument("--quiet", action="store_true", help="no progress bar")
     di.set_defaults(func=_distill)
+
+    ch = sub.add_parser("channels", help="channel atlas: per class its top channels, per channel the images and "
+                        "regions that drive it; writes index.html")
+    ch.add_argument("--model", required=True, help=MODEL_HELP)
+    ch.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    ch.add_argument("--importance", required=True, help="file written by Importance.save / chip-ext distill")
+    ch.add_argument("--data", required=True, help="ImageFolder root: <root>/<wnid>/*.JPEG (the images to mine)")
+    ch.add_argument("--layer", required=True, help="a layer of the importance")
+    ch.add_argument("--out", required=True, help="output folder (index.html, atlas.pt, crops/)")
+    ch.add_argument("--top", type=_int_at_least(1), default=8, help="images kept per channel (8)")
+    ch.add_argument("--k", type=_int_at_least(1), default=5, help="top channels shown per class (5)")
+    ch.add_argument("--max-classes", type=_int_at_least(1), default=50, help="classes shown (50)")
+    ch.add_argument("--per-class", type=_int_at_least(1), default=None, help="images per class (default: all)")
+    ch.add_argument("--squash", action="store_true", help="resize without keeping the aspect ratio (as distilled "
+                    "with --squash)")
+    ch.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per batch (32)")
+    ch.add_argument("--workers", type=_int_at_least(0), default=2, help="DataLoader worker processes (2)")
+    ch.add_argument("--quiet", action="store_true", help="no progress bar")
+    ch.set_defaults(func=_channels)
 
     de = sub.add_parser("demo", help="explain EfficientNet-Lite0 on bundled photos; writes index.html")
     de.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

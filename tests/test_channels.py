@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 import chip_ext
+import chip_ext.data
+import chip_ext.models
 from chip_ext import channels
 
 
@@ -160,3 +162,78 @@ def test_crops_match_the_receptive_field_of_a_known_geometry():
     book = channels.atlas(model, [torch.randn(2, 3, 32, 32, dtype=torch.float64)], "5", top=2, progress=False)
     r, c = book.positions[0, 0].tolist()
     assert book.crop_box(0, 0, field) == field.box(r, c)
+
+
+# ------------------------------------------------------------------------------------- chip-ext channels
+
+def _cli_setup(tmp_path):
+    import subprocess  # noqa: F401
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_cli import MODEL_FILE, image_folder
+
+    spec = tmp_path / "tiny_model.py"
+    spec.write_text(MODEL_FILE)
+    model, pre = chip_ext.models.load(f"{spec}:build")
+    train = image_folder(tmp_path / "data", n=6)
+    ds = chip_ext.data.ImageNetTrain(train, pre)
+    imp = chip_ext.distill(model, torch.utils.data.DataLoader(ds, batch_size=3), ["3"], num_perturbations=4,
+                           classes=[0, 1, 2, 3], class_names=["zero", "one", "two", "three"], progress=False)
+    imp.save(tmp_path / "imp.pt")
+    return spec, train
+
+
+def _run(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "chip_ext", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_channels_cli_writes_a_report_that_renders(tmp_path):
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from shared_data import under_ci
+
+    spec, train = _cli_setup(tmp_path)
+    out = tmp_path / "atlas"
+    r = _run("channels", "--model", f"{spec}:build", "--importance", tmp_path / "imp.pt", "--data", train,
+             "--layer", "3", "--top", "3", "--k", "2", "--workers", "0", "--quiet", "--out", out)
+    assert r.returncode == 0, r.stderr
+    book = channels.Atlas.load(out / "atlas.pt")
+    assert book.K == 16 and book.images_seen == 6 and book.meta["receptive_field"]["size"] == [5, 5]
+    page = (out / "index.html").read_text()
+    links = re.findall(r'<img src="([^"]+)"', page)
+    assert links and all((out / link).is_file() for link in links)
+    assert "zero" in page and "Channels shared by most classes" in page
+    if shutil.which("chromium") is None:
+        if under_ci():
+            pytest.fail("chromium is not installed under CI (.ci/run installs the Debian package chromium)")
+        pytest.skip("chromium not installed (Debian package chromium)")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["bash", str(root / "benchmarks" / "demo_browser_check.sh"), str(out),
+                        str(tmp_path / "shot.png")], capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 0 and f"images: {len(links)}, broken: 0" in r.stdout, r.stdout + r.stderr
+
+
+def test_channels_cli_bad_inputs_are_one_line(tmp_path):
+    spec, train = _cli_setup(tmp_path)
+    other = tmp_path / "other.py"
+    other.write_text((tmp_path / "tiny_model.py").read_text().replace("manual_seed(0)", "manual_seed(1)"))
+    empty = tmp_path / "empty" / "n02123045"
+    empty.mkdir(parents=True)
+    common = ["--importance", tmp_path / "imp.pt", "--workers", "0", "--quiet", "--out", tmp_path / "o"]
+    cases = [
+        (["--model", f"{spec}:build", "--data", train, "--layer", "1"], "--layer: the importance has no layer '1'"),
+        (["--model", f"{other}:build", "--data", train, "--layer", "3"], "was distilled on other weights"),
+        (["--model", f"{spec}:build", "--data", empty.parent, "--layer", "3"], "no images found under"),
+    ]
+    for args, message in cases:
+        r = _run("channels", *args, *common)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
