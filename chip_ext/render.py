@@ -111,19 +111,22 @@ def plot_channel_importance(importance: Importance, path: str | os.PathLike, *, 
 
 
 def top_channel_overlap(importance: Importance, classes: Sequence[int | str], *, k: int = 10,
-                        layer: str | None = None) -> dict[str, object]:
-    """Top-k channels of each class and the pairwise overlaps |top_k(a) ∩ top_k(b)| (paper IV-E)."""
+                        layer: str | None = None, by: str | None = None) -> dict[str, object]:
+    """Top-k channels of each class and the pairwise overlaps |top_k(a) ∩ top_k(b)| (paper IV-E). by:
+    `Importance.top_channels`'s ranking ("effect", the default when the importance has feature means,
+    or "weight", the paper's)."""
     layer = layer or importance.layers[-1]
-    top = {c: set(importance.top_channels(c, k, layer)[0].tolist()) for c in classes}
+    by = by or ("effect" if importance.feature_means is not None else "weight")
+    top = {c: set(importance.top_channels(c, k, layer, by=by)[0].tolist()) for c in classes}
     overlap = np.array([[len(top[a] & top[b]) for b in classes] for a in classes])
-    return {"layer": layer, "k": k, "classes": list(classes), "top": {str(c): sorted(v) for c, v in top.items()},
-            "overlap": overlap.tolist()}
+    return {"layer": layer, "k": k, "by": by, "classes": list(classes),
+            "top": {str(c): sorted(v) for c, v in top.items()}, "overlap": overlap.tolist()}
 
 
 def plot_top_channel_overlap(importance: Importance, classes: Sequence[int | str], path: str | os.PathLike, *,
-                             k: int = 10, layer: str | None = None, dpi: int = 100) -> Path:
+                             k: int = 10, layer: str | None = None, dpi: int = 100, by: str | None = None) -> Path:
     """Fig. 10: which of the layer's channels are in each class's top k, and how many they share."""
-    info = top_channel_overlap(importance, classes, k=k, layer=layer)
+    info = top_channel_overlap(importance, classes, k=k, layer=layer, by=by)
     labels = [_label(importance, importance.row(c)) for c in classes]
     channels = sorted(set().union(*map(set, info["top"].values())))
     member = np.array([[ch in info["top"][str(c)] for ch in channels] for c in classes], dtype=float)
@@ -132,7 +135,7 @@ def plot_top_channel_overlap(importance: Importance, classes: Sequence[int | str
     a1.imshow(member, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
     a1.set_yticks(range(len(classes)), labels, fontsize=8)
     a1.set_xticks(range(len(channels)), [str(c) for c in channels], rotation=90, fontsize=6)
-    a1.set_xlabel(f"channels in a top-{k} set ({info['layer']})")
+    a1.set_xlabel(f"channels in a top-{k} set by {info['by']} ({info['layer']})")
     ov = np.array(info["overlap"])
     a2.imshow(ov, cmap="Blues", vmin=0, vmax=k)
     for i, j in itertools.product(range(len(classes)), repeat=2):
