@@ -6,7 +6,7 @@ class): CHIP's effect W·z̄ (`Importance.top_channels`'s default) and its weigh
 both from the distillation pass "channels" of `quality_common.py` (defaults: prob target, λ/λ_max 0.03,
 intercept, N=32); the dataset averages over class-c images of gradient × activation (first-order
 Taylor), Grad-CAM's channel weight, the mean activation; CAM's classifier rows (bn2 only); random
-channels (5 draws, a floor). Measured on the Imagenette val images (the evaluation half, odd
+channels (3 draws, a floor). Measured on the Imagenette val images (the evaluation half, odd
 indices, unless --half all): for each class, its top-k channels set to 0; selectivity = the fall of
 the class's probability on its own images - the mean fall of the true class's probability on other
 images, with 95% bootstrap intervals over images.
@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_common as qc  # noqa: E402
 
 from chip_ext import channels, data  # noqa: E402
+from chip_ext.maps import shared_activations  # noqa: E402
 
 LAYERS = ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"]
-RANDOM_DRAWS = 5
+RANDOM_DRAWS = 3
 
 
 def train_loader(pre, per_class: int):
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--ks", default="1,2,4,8,16")
     p.add_argument("--half", default="evaluation", choices=("evaluation", "calibration", "all"))
     p.add_argument("--per-class", type=int, default=100, help="train images a class for the rankings (100)")
-    p.add_argument("--others", type=int, default=30, help="images of other classes each class is ablated on (30)")
+    p.add_argument("--others", type=int, default=20, help="images of other classes each class is ablated on (20)")
     p.add_argument("--mode", default="zero", choices=channels.ablation.__globals__["MODES"])
     p.add_argument("--out", default=str(qc.RESULTS / "channel_ablation.json"))
     args = p.parse_args(argv)
@@ -94,11 +95,13 @@ def main(argv=None) -> int:
         sources = channels.rankings(model, ((im, lab) for im, lab in loader), layer, classes, importance=imp)
         g = torch.Generator().manual_seed(0)
         K = next(iter(sources.values())).shape[1]
-        runs = {name: channels.ablation(model, x, y, layer, s, classes, ks=ks, mode=args.mode,
-                                        others_per_class=args.others).summary()
-                for name, s in sources.items()}
-        draws = [channels.ablation(model, x, y, layer, torch.rand(len(classes), K, generator=g), classes, ks=ks,
-                                   mode=args.mode, others_per_class=args.others, seed=d) for d in range(RANDOM_DRAWS)]
+        with shared_activations():  # the prefix once per layer for every ranking
+            runs = {name: channels.ablation(model, x, y, layer, s, classes, ks=ks, mode=args.mode,
+                                            others_per_class=args.others).summary()
+                    for name, s in sources.items()}
+            draws = [channels.ablation(model, x, y, layer, torch.rand(len(classes), K, generator=g), classes,
+                                       ks=ks, mode=args.mode, others_per_class=args.others, seed=d)
+                     for d in range(RANDOM_DRAWS)]
         runs["random"] = {"ks": ks, "per_k": {str(k): {"selectivity": {"mean": float(np.mean([r.selectivity()[j]
                                                                                             for r in draws]))}}
                                                for j, k in enumerate(ks)}, "draws": RANDOM_DRAWS}

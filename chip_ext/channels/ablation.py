@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..maps import cached_split, inference_view, run_model
+from ..maps import cached_split, inference_view, layer_activations
 from .rankings import top_k
 
 MODES = ("zero", "mean")
@@ -102,13 +102,14 @@ def ablation(model: nn.Module, images: Tensor, labels: Tensor, layer: str, score
     Each class of `classes` that has images is ablated on its own images and on up to `others_per_class`
     images of other classes (a sample drawn with `seed`). mode="zero" sets the channels to 0; "mean" to
     their mean map over `images`. keep=True: sufficiency, every channel but the top-k is switched off.
-    Only the model's suffix after the layer runs per ablation; the prefix runs once per image."""
+    Only the model's suffix after the layer runs per ablation; the prefix runs once per call (once for
+    several calls on the same images tensor inside `chip_ext.maps.shared_activations()`)."""
     labels = torch.as_tensor(labels).long().cpu()
     ks = _check(images, labels, scores, classes, ks, mode)
     view = inference_view(model)
     prefix, suffix = cached_split(view, layer)
     with torch.no_grad():
-        A = torch.cat([run_model(prefix, view, images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        A = layer_activations(view, images, layer)  # once per images and layer inside shared_activations()
         fill = A.mean(dim=0) if mode == "mean" else torch.zeros_like(A[0])
 
         def probs(idx: Tensor, off: Tensor | None) -> Tensor:
