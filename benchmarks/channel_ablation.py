@@ -122,6 +122,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     layers = list(result["layers"])
+    names = sorted({n for L in result["layers"].values() for n in L["rankings"]})
+    colour = {n: f"C{i}" for i, n in enumerate(names)}  # one colour per ranking in every panel
     fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.2), sharey=True, squeeze=False)
     for ax, layer in zip(axes[0], layers):
         for name, r in result["layers"][layer]["rankings"].items():
@@ -129,14 +131,15 @@ def plot(result: dict, path: Path) -> None:
             sel = [r["per_k"][str(k)]["selectivity"] for k in ks]
             mean = [s["mean"] for s in sel]
             style = dict(lw=2.2) if name.startswith("chip") else dict(lw=1.2, ls="--" if name == "random" else "-")
-            ax.plot(ks, mean, marker="o", ms=3, label=name, **style)
+            ax.plot(ks, mean, marker="o", ms=3, label=name, color=colour[name], **style)
             if "lo" in sel[0]:
-                ax.fill_between(ks, [s["lo"] for s in sel], [s["hi"] for s in sel], alpha=0.12)
+                ax.fill_between(ks, [s["lo"] for s in sel], [s["hi"] for s in sel], alpha=0.12, color=colour[name])
         ax.set_xscale("log", base=2)
         ax.set_title(f"{layer} (K={result['layers'][layer]['K']})")
         ax.set_xlabel("channels switched off (k)")
     axes[0][0].set_ylabel("class selectivity")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    axes[0][-1].legend([handles[n] for n in names], names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(f"Class-selective channel ablation, EfficientNet-Lite0, {result['val_images']} Imagenette val "
                  f"images ({result['date']}; 95% bootstrap bands)", fontsize=9)
     fig.tight_layout()
