@@ -317,7 +317,10 @@ def target_class(text: str, imp, num_outputs: int) -> int:
         c = int(text)
     except ValueError:
         if imp.class_names and text in imp.class_names:
-            return imp.classes[imp.row(text)]
+            try:
+                return imp.classes[imp.row(text)]
+            except KeyError as err:  # a name of two classes
+                raise SystemExit(f"--target: {err.args[0]}") from None
         raise SystemExit(f"--target: {text} is neither a class index (an integer) nor a distilled class name"
                          + (f" (names: {', '.join(imp.class_names[:10])}{' ...' if len(imp.class_names) > 10 else ''})"
                             if imp.class_names else " (this importance has no class names)")) from None

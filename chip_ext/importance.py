@@ -42,9 +42,6 @@ class Importance:
         if len(set(int(c) for c in classes)) != C:
             dup = sorted({int(c) for c in classes if list(classes).count(c) > 1})
             raise ValueError(f"classes must be distinct (one row of W per class); {dup[:10]} appear more than once")
-        if class_names is not None and len(set(class_names)) != len(class_names):
-            dup = sorted({n for n in class_names if list(class_names).count(n) > 1})
-            raise ValueError(f"class_names must be distinct (a name must find one row); {dup[:10]} appear more than once")
         for layer, W in weights.items():
             if not isinstance(W, Tensor) or W.dim() != 2 or W.shape[0] != C:
                 shape = list(W.shape) if isinstance(W, Tensor) else type(W).__name__
@@ -91,7 +88,11 @@ class Importance:
         if isinstance(cls, str):
             if self.class_names is None or cls not in self.class_names:
                 raise KeyError(f"class {cls!r} is not among the distilled class names")
-            return self.class_names.index(cls)
+            rows = [i for i, n in enumerate(self.class_names) if n == cls]
+            if len(rows) > 1:  # ImageNet has two 'crane's and two 'maillot's
+                raise KeyError(f"class name {cls!r} is ambiguous: it names classes {[self.classes[r] for r in rows]}; "
+                               "pass the class index")
+            return rows[0]
         try:
             if isinstance(cls, bool) or (isinstance(cls, Tensor) and cls.dtype == torch.bool):
                 raise TypeError

@@ -71,16 +71,19 @@ def test_bad_construction():
 
 
 def test_bad_contents_are_refused():
-    """NaN weights gave all-zero maps silently; duplicate classes or names left rows unreachable;
-    top_channels(0.7) was class 0."""
+    """NaN weights gave all-zero maps silently; duplicate classes left rows unreachable, and a duplicate name
+    found only its first row; top_channels(0.7) was class 0."""
     import pytest
 
     with pytest.raises(ValueError, match=r"weights\['l'\] must be finite floating-point; it has 3 NaN/Inf entries"):
         Importance({"l": torch.tensor([[1.0, float("nan")], [float("inf"), float("-inf")]])}, [0, 1])
     with pytest.raises(ValueError, match=r"classes must be distinct .*\[1\] appear more than once"):
         Importance({"l": torch.zeros(3, 2)}, [1, 2, 1])
-    with pytest.raises(ValueError, match=r"class_names must be distinct .*\['cat'\] appear more than once"):
-        Importance({"l": torch.zeros(2, 2)}, [0, 1], class_names=["cat", "cat"])
+    twice = Importance({"l": torch.zeros(3, 2)}, [134, 517, 2], class_names=["crane", "crane", "shark"])
+    with pytest.raises(KeyError, match=r"class name 'crane' is ambiguous: it names classes \[134, 517\]; pass the "
+                                       r"class index"):
+        twice.row("crane")  # ImageNet's own names repeat: refused where a name is looked up, not at construction
+    assert twice.row(517) == 1 and twice.row("shark") == 2
     imp = Importance({"l": torch.tensor([[1.0, 2.0], [3.0, 0.0]])}, [4, 0])
     for bad in (0.7, True, None):
         with pytest.raises(TypeError, match="a class is a model output index"):

@@ -33,6 +33,8 @@ def channel_summary(imp: Importance, layer: str, k: int = 5) -> dict:
     by = "effect" if imp.feature_means is not None else "weight"
     score = imp.effect(layer) if by == "effect" else imp.weights[layer]
     names = imp.class_names or [str(c) for c in imp.classes]
+    repeated = {n for n in names if names.count(n) > 1}  # ImageNet names two classes 'crane'
+    names = [f"{n} ({c})" if n in repeated else n for n, c in zip(names, imp.classes)]
     top = {r: imp.top_channels(imp.classes[r], k, layer, by=by)[0].tolist() for r in range(len(imp.classes))}
     users: dict[int, dict[str, list]] = {}
     strongest = torch.topk(score.abs(), min(k, score.shape[1]), dim=1).indices
