@@ -112,3 +112,15 @@ def test_top_channels_by_effect_and_by_weight(tmp_path):
     with pytest.raises(ValueError, match=r"feature_means\['a'\] must be a Tensor\[2, 4\]"):
         Importance(W, [7, 3], feature_means={"a": torch.zeros(2, 3)})
 
+
+
+def test_imagenet_names_with_repeats_build_an_importance():
+    """All 1000 ImageNet classes with their short names (two 'crane's, two 'maillot's): distilling them must
+    not fail after the pass."""
+    from chip_ext import models
+
+    names = models.class_names_for("resnet18")
+    imp = Importance({"l": torch.zeros(1000, 2)}, list(range(1000)), class_names=names)
+    assert imp.row("tabby") == 281 and names.count("crane") == 2
+    with pytest.raises(KeyError, match="ambiguous"):
+        imp.row("crane")
