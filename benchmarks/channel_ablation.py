@@ -36,20 +36,37 @@ from torch.utils.data import DataLoader, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_common as qc  # noqa: E402
 
-from chip_ext import channels, data  # noqa: E402
+import chip_ext  # noqa: E402
+from chip_ext import channels, data, models  # noqa: E402
 from chip_ext.maps import shared_activations  # noqa: E402
 
 LAYERS = ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"]
 RANDOM_DRAWS = 3
 
 
-def train_loader(pre, per_class: int):
-    ds = data.ImageNetTrain(qc.DATA / "imagenette" / "train", pre, per_class=per_class)
+def train_loader(pre, per_class: int, dataset: str = "imagenette"):
+    root = qc.DATA / ("imagenette/train" if dataset == "imagenette" else "imagenet/train-one-per-class")
+    ds = data.ImageNetTrain(root, pre, per_class=per_class)
     return ds, DataLoader(ds, batch_size=16, num_workers=1)
 
 
-def val_images(pre, half: str):
-    val = qc.val_dataset(pre)
+def ilsvrc_importance(model, layer: str):
+    """CHIP for all 1000 classes from the 1000 train-one-per-class images (the pass of channel_sharing.py,
+    N=32, distill's defaults; resumable checkpoint)."""
+    import chip_ext
+    from chip_ext import models
+
+    pre = models.load(qc.MODEL)[1]
+    train = data.ImageNetTrain(qc.DATA / "imagenet" / "train-one-per-class", pre)
+    qc.WORK.mkdir(parents=True, exist_ok=True)
+    return chip_ext.distill(model, DataLoader(train, batch_size=16, num_workers=1), layer, num_perturbations=32,
+                            checkpoint=qc.WORK / f"sharing_{layer}.ckpt",
+                            class_names=models.class_names_for(qc.MODEL), progress=True)
+
+
+def val_images(pre, half: str, dataset: str = "imagenette"):
+    val = qc.val_dataset(pre) if dataset == "imagenette" else data.LocalizationDataset(
+        data.find_localization_samples(qc.DATA / "ilsvrc-val"), interpolation=pre.interpolation)
     cal, ev = qc.halves(len(val))
     idx = {"calibration": cal, "evaluation": ev, "all": list(range(len(val)))}[half]
     xs, ys = [], []
@@ -67,26 +84,41 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=100, help="train images a class for the rankings (100)")
     p.add_argument("--others", type=int, default=20, help="images of other classes each class is ablated on (20)")
     p.add_argument("--mode", default="zero", choices=channels.ablation.__globals__["MODES"])
-    p.add_argument("--out", default=str(qc.RESULTS / "channel_ablation.json"))
+    p.add_argument("--dataset", default="imagenette", choices=("imagenette", "ilsvrc"),
+                   help="imagenette: 10 classes, rankings from 100 train images a class; ilsvrc: the 456 classes of "
+                        "the shared ILSVRC val images, rankings from one train image a class (W for all 1000)")
+    p.add_argument("--out", default=None, help="default results/channel_ablation[_ilsvrc].json")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(qc.RESULTS / ("channel_ablation.json" if args.dataset == "imagenette"
+                                     else "channel_ablation_ilsvrc.json"))
     layers = [l for l in args.layers.split(",") if l]
     ks = [int(k) for k in args.ks.split(",")]
     torch.set_num_threads(int(os.environ.get("CHIP_EXT_THREADS", torch.get_num_threads())))
 
     model, pre = qc.load_model()
-    ck = qc.WORK / "channels.ckpt"
-    if not ck.is_file():
-        qc.distill_pass("channels")
-    imp = qc.solve(model, "channels", lam_ratio=0.03, fit_intercept=True)  # distill's defaults
-    ds, loader = train_loader(pre, args.per_class)
-    classes = ds.classes
-    x, y = val_images(pre, args.half)
+    if args.dataset == "imagenette":
+        ck = qc.WORK / "channels.ckpt"
+        if not ck.is_file():
+            qc.distill_pass("channels")
+        imp = qc.solve(model, "channels", lam_ratio=0.03, fit_intercept=True)  # distill's defaults
+        ds, loader = train_loader(pre, args.per_class)
+        classes = ds.classes
+    else:
+        imps = [ilsvrc_importance(model, layer) for layer in layers]
+        imp = chip_ext.Importance({l: i.weights[l] for l, i in zip(layers, imps)}, imps[0].classes,
+                                  feature_means={l: i.feature_means[l] for l, i in zip(layers, imps)},
+                                  class_names=imps[0].class_names, meta=imps[0].meta)
+        ds, loader = train_loader(models.load(qc.MODEL)[1], None, "ilsvrc")
+    x, y = val_images(pre, args.half, args.dataset)
+    if args.dataset == "ilsvrc":
+        classes = sorted(set(y.tolist()))
     print(f"{len(x)} val images ({args.half}), {len(classes)} classes, rankings from {len(ds)} train images",
           flush=True)
-    result = {"benchmark": "channel_ablation", "date": dt.date.today().isoformat(),
+    result = {"benchmark": "channel_ablation", "dataset": args.dataset, "date": dt.date.today().isoformat(),
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "model": qc.MODEL, "val_half": args.half, "val_images": len(x), "classes": classes,
-              "train_images_per_class": args.per_class, "others_per_class": args.others, "mode": args.mode,
+              "train_images_per_class": args.per_class if args.dataset == "imagenette" else 1, "others_per_class": args.others, "mode": args.mode,
               "distillation": {k: imp.meta.get(k) for k in ("num_perturbations", "lam_ratio", "fit_intercept",
                                                             "target", "images_seen")},
               "layers": {}}
@@ -140,8 +172,9 @@ def plot(result: dict, path: Path) -> None:
     axes[0][0].set_ylabel("class selectivity")
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
     axes[0][-1].legend([handles[n] for n in names], names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle(f"Class-selective channel ablation, EfficientNet-Lite0, {result['val_images']} Imagenette val "
-                 f"images ({result['date']}; 95% bootstrap bands)", fontsize=9)
+    fig.suptitle(f"Class-selective channel ablation, EfficientNet-Lite0, {result['val_images']} "
+                 f"{'ILSVRC' if result.get('dataset') == 'ilsvrc' else 'Imagenette'} val images, "
+                 f"{len(result['classes'])} classes ({result['date']}; 95% bootstrap bands)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
