@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="imagenette", choices=("imagenette", "ilsvrc"),
                    help="imagenette: 10 classes, rankings from 100 train images a class; ilsvrc: the 456 classes of "
                         "the shared ILSVRC val images, rankings from one train image a class (W for all 1000)")
+    p.add_argument("--tag", default="channels", help="the distillation pass of quality_common.py (Imagenette)")
     p.add_argument("--out", default=None, help="default results/channel_ablation[_ilsvrc].json")
     args = p.parse_args(argv)
     if args.out is None:
@@ -98,10 +99,9 @@ def main(argv=None) -> int:
 
     model, pre = qc.load_model()
     if args.dataset == "imagenette":
-        ck = qc.WORK / "channels.ckpt"
-        if not ck.is_file():
-            qc.distill_pass("channels")
-        imp = qc.solve(model, "channels", lam_ratio=0.03, fit_intercept=True)  # distill's defaults
+        if not (qc.WORK / f"{args.tag}.ckpt").is_file():
+            qc.distill_pass(args.tag)
+        imp = qc.solve(model, args.tag, lam_ratio=0.03, fit_intercept=True)  # distill's defaults
         ds, loader = train_loader(pre, args.per_class)
         classes = ds.classes
     else:
@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     result = {"benchmark": "channel_ablation", "dataset": args.dataset, "date": dt.date.today().isoformat(),
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "model": qc.MODEL, "val_half": args.half, "val_images": len(x), "classes": classes,
-              "train_images_per_class": args.per_class if args.dataset == "imagenette" else 1, "others_per_class": args.others, "mode": args.mode,
+              "tag": args.tag, "train_images_per_class": args.per_class if args.dataset == "imagenette" else 1,
+              "others_per_class": args.others, "mode": args.mode,
               "distillation": {k: imp.meta.get(k) for k in ("num_perturbations", "lam_ratio", "fit_intercept",
                                                             "target", "images_seen")},
               "layers": {}}

@@ -53,6 +53,8 @@ PASSES: dict[str, dict] = {
     # the channel rankings (channel_ablation.py): the layers of the channels study, distill's defaults, N=32
     "channels": {"layers": ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"], "per_class": 100,
                  "num_perturbations": 32},
+    # how selectivity grows with images a class (channel_ablation.py --tag channels10 --per-class 10)
+    "channels10": {"layers": ["blocks.5", "blocks.6"], "per_class": 10, "num_perturbations": 32},
 }
 
 
