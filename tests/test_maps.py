@@ -158,3 +158,19 @@ def test_normalize_maps_keeps_small_real_contrast_and_zeros_rounding_ripples():
     assert torch.equal(normalize_maps(flat, (32, 32)), torch.zeros(1, 32, 32))
     one = torch.full((1, 1, 1), 5.0)
     assert torch.equal(normalize_maps(one, (32, 32)), torch.zeros(1, 32, 32))
+
+
+def test_split_on_binds_the_cached_graphs_to_another_view():
+    """distill on another device runs a copy of the model: the graphs traced once on the shared view are
+    bound to the copy's modules, not traced again."""
+    from chip_ext.maps import split_on
+
+    model = __import__("torchvision").models.resnet18(num_classes=3).eval()
+    copy = inference_view(model, private=True)  # another view of the model, as a device copy is
+    prefix, suffix = split_on(model, copy, "layer3")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(suffix(prefix(x)), model(x))
+    assert prefix.get_submodule("conv1") is copy.conv1 and suffix.get_submodule("fc") is copy.fc
+    shared = split_on(model, inference_view(model), "layer3")
+    assert shared[0] is split_on(model, inference_view(model), "layer3")[0]  # the cached pair itself
