@@ -153,8 +153,11 @@ def test_crops_match_the_receptive_field_of_a_known_geometry():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
                           nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(6, 2)).double().eval()
-    field = channels.receptive_field(model, "5", (32, 32))
-    assert field.size == (9, 9) and field.stride == (2.0, 2.0) and field.how == "gradient"
+    field = channels.receptive_field(model, "5", (32, 32), mass=1.0)
+    assert field.size == field.support == (9, 9) and field.stride == (2.0, 2.0) and field.how == "gradient support"
+    effective = channels.receptive_field(model, "5", (32, 32))  # half of the gradient's magnitude
+    assert effective.support == (9, 9) and effective.size[0] <= 9 and effective.size[0] % 2 == 1
+    assert effective.how == "gradient, 50% of its magnitude" and effective.size[0] < 9
     # position (r, c) of the 16 x 16 map is centred on input pixel (2r, 2c): box [2r - 4, 2r + 5)
     assert field.box(8, 5) == (10 - 4, 16 - 4, 10 + 5, 16 + 5)
     assert field.box(0, 0) == (0, 0, 5, 5)  # clipped at the border
@@ -206,7 +209,7 @@ def test_channels_cli_writes_a_report_that_renders(tmp_path):
              "--layer", "3", "--top", "3", "--k", "2", "--workers", "0", "--quiet", "--out", out)
     assert r.returncode == 0, r.stderr
     book = channels.Atlas.load(out / "atlas.pt")
-    assert book.K == 16 and book.images_seen == 6 and book.meta["receptive_field"]["size"] == [5, 5]
+    assert book.K == 16 and book.images_seen == 6 and book.meta["receptive_field"]["support"] == [5, 5]
     page = (out / "index.html").read_text()
     links = re.findall(r'<img src="([^"]+)"', page)
     assert links and all((out / link).is_file() for link in links)

@@ -29,11 +29,12 @@ class ReceptiveField:
     (offset + r·stride_y, offset + c·stride_x) with the measured size, clipped to the image. `how`: how it
     was found ("gradient": the input gradient of one position at the map's centre, measured)."""
 
-    size: tuple[int, int]  # (height, width) in input pixels
+    size: tuple[int, int]  # (height, width) in input pixels of the box shown
     stride: tuple[float, float]
     offset: tuple[float, float]
     input_size: tuple[int, int]
     how: str = "gradient"
+    support: tuple[int, int] | None = None  # (height, width) of every pixel with a non-zero gradient
 
     def box(self, r: int, c: int) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1), x1/y1 exclusive, clipped to the input."""
@@ -43,11 +44,16 @@ class ReceptiveField:
         return max(0, x0), max(0, y0), min(W, x0 + self.size[1]), min(H, y0 + self.size[0])
 
 
-def receptive_field(model: nn.Module, layer: str, input_size: tuple[int, int] = (224, 224)) -> ReceptiveField:
-    """Measured receptive field of `layer`: the input pixels on which the layer's centre position depends
-    (non-zero input gradient of the sum over channels at that position, for a random input, in float64),
-    and the stride as the ratio of input to map size. Exact for convolution stacks; for a network whose
-    dependence reaches the whole image (attention, global pooling inside blocks) the box is the image."""
+def receptive_field(model: nn.Module, layer: str, input_size: tuple[int, int] = (224, 224), *,
+                    mass: float = 0.5) -> ReceptiveField:
+    """Measured receptive field of `layer`, from the input gradient of the layer's centre position (summed
+    over channels, for a random input): its support (every pixel with a non-zero gradient: the theoretical
+    receptive field of a convolution stack, which for deep layers is the whole image) and the box shown,
+    the smallest square around the position's centre that holds `mass` of the gradient's magnitude (the core
+    of the effective receptive field; at EfficientNet-Lite0's blocks.6, 93 pixels for half the magnitude
+    against 224 of support; mass=1.0 shows the support). The stride is the ratio of input to map size."""
+    if not 0 < mass <= 1:
+        raise ValueError(f"mass must be in (0, 1]; got {mass!r}")
     view = inference_view(model)
     prefix, _ = cached_split(view, layer)
     H, W = input_size
@@ -61,17 +67,28 @@ def receptive_field(model: nn.Module, layer: str, input_size: tuple[int, int] = 
         h, w = A.shape[-2:]
         r, c = h // 2, w // 2
         (grad,) = torch.autograd.grad(A[0, :, r, c].abs().sum(), x)
-    seen = grad[0].abs().sum(0) > 0
+    weight = grad[0].abs().sum(0).double()
+    seen = weight > 0
     rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
     if not len(rows):
         raise ValueError(f"layer {layer!r}: no input pixel reaches its centre position (a constant map?)")
     stride = (H / h, W / w)
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    size = (y1 - y0, x1 - x0)
+    support = (y1 - y0, x1 - x0)
     centre = ((y0 + y1) / 2, (x0 + x1) / 2)
-    # a box clipped by the image border at the centre position is the whole dependence: keep the size
     offset = (centre[0] - r * stride[0], centre[1] - c * stride[1])
-    return ReceptiveField(size, stride, offset, (H, W))
+    size, how = support, "gradient support"
+    if mass < 1:
+        total = float(weight.sum())
+        cy, cx = int(centre[0]), int(centre[1])
+        for half in range(0, max(H, W)):
+            box = weight[max(0, cy - half):cy + half + 1, max(0, cx - half):cx + half + 1]
+            if float(box.sum()) >= mass * total:
+                side = 2 * half + 1
+                size = (min(side, support[0]), min(side, support[1]))
+                break
+        how = f"gradient, {mass:.0%} of its magnitude"
+    return ReceptiveField(size, stride, offset, (H, W), how, support)
 
 
 @dataclass

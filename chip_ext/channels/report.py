@@ -86,8 +86,10 @@ def write_report(out: Path, book: Atlas, field: ReceptiveField, imp: Importance,
 
     parts = [f"<h1>{e(title or 'Channel atlas')}: layer {e(layer)}</h1>",
              f"<p>{book.K} channels; per channel the {book.top} images of {book.images_seen} whose map peaks highest, "
-             f"cropped to the receptive field of the peak ({field.size[0]}×{field.size[1]} input pixels, measured by "
-             f"the {e(field.how)}). Channels ranked per class by CHIP's {e(summary['by'])}"
+             f"cropped around the peak to its effective receptive field ({field.size[0]}×{field.size[1]} input "
+             f"pixels: {e(field.how)}; every pixel with a non-zero gradient spans "
+             f"{field.support[0] if field.support else '?'}×{field.support[1] if field.support else '?'}). "
+             f"Channels ranked per class by CHIP's {e(summary['by'])}"
              + (" (W · mean pooled feature: what switching the channel off does)" if summary["by"] == "effect" else "")
              + ".</p>", "<h2>Classes and their top channels</h2>"]
     for n in names:
