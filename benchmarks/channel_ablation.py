@@ -129,23 +129,42 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(0)
         K = next(iter(sources.values())).shape[1]
         with shared_activations():  # the prefix once per layer for every ranking
-            runs = {name: channels.ablation(model, x, y, layer, s, classes, ks=ks, mode=args.mode,
-                                            others_per_class=args.others).summary()
-                    for name, s in sources.items()}
+            raw = {name: channels.ablation(model, x, y, layer, s, classes, ks=ks, mode=args.mode,
+                                           others_per_class=args.others) for name, s in sources.items()}
+            runs = {name: r.summary() for name, r in raw.items()}
             draws = [channels.ablation(model, x, y, layer, torch.rand(len(classes), K, generator=g), classes,
                                        ks=ks, mode=args.mode, others_per_class=args.others, seed=d)
                      for d in range(RANDOM_DRAWS)]
         runs["random"] = {"ks": ks, "per_k": {str(k): {"selectivity": {"mean": float(np.mean([r.selectivity()[j]
                                                                                             for r in draws]))}}
                                                for j, k in enumerate(ks)}, "draws": RANDOM_DRAWS}
-        # paired: CHIP effect - each other ranking, per image, over the same resampled images
-        result["layers"][layer] = {"K": K, "rankings": runs, "seconds": round(time.perf_counter() - t0, 1)}
+        # paired: CHIP effect - each other ranking, over the same resampled images
+        paired = {other: {str(k): paired_difference(raw["chip_effect"], raw[other], j) for j, k in enumerate(ks)}
+                  for other in raw if other != "chip_effect"} if "chip_effect" in raw else {}
+        result["layers"][layer] = {"K": K, "rankings": runs, "chip_effect_minus": paired,
+                                   "seconds": round(time.perf_counter() - t0, 1)}
         line = ", ".join(f"{n} {r['per_k'][str(ks[-1])]['selectivity']['mean']:.3f}" for n, r in runs.items())
         print(f"{layer} (K={K}): selectivity at k={ks[-1]}: {line} ({time.perf_counter() - t0:.0f} s)", flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     plot(result, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out}")
     return 0
+
+
+def paired_difference(a, b, j: int, boot: int = 2000, seed: int = 0) -> dict:
+    """Selectivity of ablation a minus that of b at column j, with a 95% bootstrap interval over images
+    resampled together (the same images and the same other-class draws: paired)."""
+    rng = np.random.default_rng(seed)
+    n = len(a.own)
+
+    def stat(idx):
+        sa = np.nanmean(a.own[idx, j]) - np.nanmean(a.off[idx, j])
+        sb = np.nanmean(b.own[idx, j]) - np.nanmean(b.off[idx, j])
+        return sa - sb
+
+    draws = np.array([stat(rng.integers(0, n, n)) for _ in range(boot)])
+    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
+    return {"mean": float(stat(np.arange(n))), "lo": float(lo), "hi": float(hi)}
 
 
 def plot(result: dict, path: Path) -> None:
