@@ -151,29 +151,36 @@ class Importance:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Importance":
         """Reads a file written by `save` with torch.load(weights_only=True)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no Importance file at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001  (torch's own text ends with advice to file a bug)
-            import zipfile
-
-            first = ("it is not a PyTorch file (torch.save writes a zip archive)" if not zipfile.is_zipfile(path)
-                     else (str(err).strip().splitlines() or [type(err).__name__])[0][:200])
-            raise ValueError(f"{path} is not a readable chip_ext Importance file (corrupt, or not written by "
-                             f"Importance.save / chip-ext distill): {first}") from err
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a chip_ext Importance file (no '{FORMAT}' marker)")
-        if state.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer chip_ext (format "
-                             f"{state['format_version']}; this one reads {FORMAT_VERSION})")
+        state = read_state(path, FORMAT, FORMAT_VERSION, "Importance", "Importance.save / chip-ext distill")
         return cls(state["weights"], state["classes"], class_names=state["class_names"],
                    meta=state["meta"], intercepts=state.get("intercepts"), feature_means=state.get("feature_means"))
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in self.weights.items())
         return f"Importance({len(self.classes)} classes; {shapes})"
+
+
+def read_state(path: str | os.PathLike, marker: str, version: int, what: str, writer: str) -> dict:
+    """A dict written by torch.save with a "format" marker, read with torch.load(weights_only=True): a
+    missing file, an unreadable one, another format or a newer version each get one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (torch's own text ends with advice to file a bug)
+        import zipfile
+
+        first = ("it is not a PyTorch file (torch.save writes a zip archive)" if not zipfile.is_zipfile(path)
+                 else (str(err).strip().splitlines() or [type(err).__name__])[0][:200])
+        raise ValueError(f"{path} is not a readable chip_ext {what} file (corrupt, or not written by "
+                         f"{writer}): {first}") from err
+    if not isinstance(state, dict) or state.get("format") != marker:
+        raise ValueError(f"{path} is not a chip_ext {what} file (no '{marker}' marker)")
+    if state.get("format_version", 0) > version:
+        raise ValueError(f"{path} was written by a newer chip_ext (format "
+                         f"{state['format_version']}; this one reads {version})")
+    return state
 
 
 def _plain(value: Any) -> Any:

@@ -79,6 +79,7 @@ class LayerState:
         self.sigma: float | None = None
         self.copy_bytes: int | None = None  # memory one gated copy takes through the suffix (estimate)
         self.h_checked = False
+        self.gates_checked = 0  # the largest batch whose gates were checked to fit in memory
 
 class Run(CheckpointedRun, RankedRun):
     """The state of one distillation pass: accumulators, position, and the per-batch work.
@@ -364,8 +365,10 @@ class Run(CheckpointedRun, RankedRun):
         self._set_shape(s, A.shape[1:])
         K = A.shape[1]
         B = A.shape[0]
-        self._check_fits(B * self.N * (K + 8), f"the gates and proximity weights of {B} images x "
-                         f"N={self.N} perturbations x K={K} channels")
+        if B > s.gates_checked:  # once per layer and batch size: free memory is read from the system
+            self._check_fits(B * self.N * (K + 8), f"the gates and proximity weights of {B} images x "
+                             f"N={self.N} perturbations x K={K} channels")
+            s.gates_checked = B
         with self.stages("gates"):
             gates = sample_gates(indices, self.N, K, seed=self.seed, layer=s.name,
                                  max_drop=self.max_drop, device=self.device)

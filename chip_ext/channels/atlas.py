@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -150,18 +149,9 @@ class Atlas:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Atlas":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no atlas file at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"{path} is not a readable chip_ext atlas file: "
-                             f"{(str(err).strip().splitlines() or [type(err).__name__])[0][:200]}") from err
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a chip_ext atlas file (no '{FORMAT}' marker)")
-        if state.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer chip_ext (atlas format {state['format_version']})")
+        from ..importance import read_state
+
+        state = read_state(path, FORMAT, FORMAT_VERSION, "atlas", "Atlas.save / chip-ext channels")
         return cls(state["layer"], state["values"], state["images"], state["positions"], tuple(state["map_size"]),
                    tuple(state["input_size"]), state["images_seen"], state["meta"])
 
