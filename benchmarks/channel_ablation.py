@@ -5,8 +5,11 @@ Rankings, all from the same training images (the shared Imagenette train images,
 class): CHIP's effect W·z̄ (`Importance.top_channels`'s default) and its weight W (the paper's order),
 both from the distillation pass "channels" of `quality_common.py` (defaults: prob target, λ/λ_max 0.03,
 intercept, N=32); the dataset averages over class-c images of gradient × activation (first-order
-Taylor), Grad-CAM's channel weight, the mean activation; CAM's classifier rows (bn2 only); random
-channels (3 draws, a floor). Measured on the Imagenette val images (the evaluation half, odd
+Taylor), Grad-CAM's channel weight, the mean activation; Concept Relevance Propagation's channel
+relevance (zennit-crp, its recommended composite, `chip_ext.channels.crp_relevance`; computed once for
+every layer and kept in the work folder); CAM's classifier rows (bn2 only); random channels (3 draws, a
+floor). With --variants, CHIP's effect also from the same pass re-solved with positive=True, without
+intercept (the paper's Lasso) and at λ/λ_max 0.01 and 0.1. Measured on the Imagenette val images (the evaluation half, odd
 indices, unless --half all): for each class, its top-k channels set to 0; selectivity = the fall of
 the class's probability on its own images - the mean fall of the true class's probability on other
 images, with 95% bootstrap intervals over images.
@@ -88,6 +91,9 @@ def main(argv=None) -> int:
                    help="imagenette: 10 classes, rankings from 100 train images a class; ilsvrc: the 456 classes of "
                         "the shared ILSVRC val images, rankings from one train image a class (W for all 1000)")
     p.add_argument("--tag", default="channels", help="the distillation pass of quality_common.py (Imagenette)")
+    p.add_argument("--variants", action="store_true",
+                   help="also CHIP re-solved positive / without intercept / at lam_ratio 0.01 and 0.1 (Imagenette)")
+    p.add_argument("--no-crp", action="store_true", help="leave out zennit-crp's ranking")
     p.add_argument("--out", default=None, help="default results/channel_ablation[_ilsvrc].json")
     args = p.parse_args(argv)
     if args.out is None:
@@ -102,6 +108,11 @@ def main(argv=None) -> int:
         if not (qc.WORK / f"{args.tag}.ckpt").is_file():
             qc.distill_pass(args.tag)
         imp = qc.solve(model, args.tag, lam_ratio=0.03, fit_intercept=True)  # distill's defaults
+        variants = {} if not args.variants else {
+            "chip_effect_positive": qc.solve(model, args.tag, lam_ratio=0.03, fit_intercept=True, positive=True),
+            "chip_effect_nointercept": qc.solve(model, args.tag, lam_ratio=0.03, fit_intercept=False),
+            "chip_effect_lam0.01": qc.solve(model, args.tag, lam_ratio=0.01, fit_intercept=True),
+            "chip_effect_lam0.1": qc.solve(model, args.tag, lam_ratio=0.1, fit_intercept=True)}
         ds, loader = train_loader(pre, args.per_class)
         classes = ds.classes
     else:
@@ -110,6 +121,7 @@ def main(argv=None) -> int:
                                   feature_means={l: i.feature_means[l] for l, i in zip(layers, imps)},
                                   class_names=imps[0].class_names, meta=imps[0].meta)
         ds, loader = train_loader(models.load(qc.MODEL)[1], None, "ilsvrc")
+        variants = {}
     x, y = val_images(pre, args.half, args.dataset)
     if args.dataset == "ilsvrc":
         classes = sorted(set(y.tolist()))
@@ -123,9 +135,14 @@ def main(argv=None) -> int:
               "distillation": {k: imp.meta.get(k) for k in ("num_perturbations", "lam_ratio", "fit_intercept",
                                                             "target", "images_seen")},
               "layers": {}}
+    crp = None if args.no_crp else crp_rankings(model, loader, layers, classes, args)
     for layer in layers:
         t0 = time.perf_counter()
         sources = channels.rankings(model, ((im, lab) for im, lab in loader), layer, classes, importance=imp)
+        for name, v in variants.items():
+            sources[name] = v.effect(layer)[[v.row(int(c)) for c in classes]].float()
+        if crp is not None:
+            sources["crp"] = crp[layer]
         g = torch.Generator().manual_seed(0)
         K = next(iter(sources.values())).shape[1]
         with shared_activations():  # the prefix once per layer for every ranking
@@ -149,6 +166,23 @@ def main(argv=None) -> int:
     plot(result, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out}")
     return 0
+
+
+def crp_rankings(model, loader, layers, classes, args) -> dict:
+    """zennit-crp's channel relevance at every layer, from the same train images as the other rankings;
+    kept in the work folder (one backward pass an image, about 0.4 s an image here)."""
+    key = f"crp_{args.dataset}_{args.per_class if args.dataset == 'imagenette' else 1}.pt"
+    path = qc.WORK / key
+    cached = torch.load(path, weights_only=True) if path.is_file() else {}
+    todo = [l for l in layers if l not in cached]
+    if todo:
+        t0 = time.perf_counter()
+        new = channels.crp_relevance(model, ((im, lab) for im, lab in loader), todo, classes)
+        cached.update(new)
+        qc.WORK.mkdir(parents=True, exist_ok=True)
+        torch.save(cached, path)
+        print(f"CRP relevance at {todo} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return cached
 
 
 def paired_difference(a, b, j: int, boot: int = 2000, seed: int = 0) -> dict:

@@ -55,6 +55,14 @@ PASSES: dict[str, dict] = {
                  "num_perturbations": 32},
     # how selectivity grows with images a class (channel_ablation.py --tag channels10 --per-class 10)
     "channels10": {"layers": ["blocks.5", "blocks.6"], "per_class": 10, "num_perturbations": 32},
+    # why CHIP's effect trails gradient x activation at blocks.3-4 (calibration half): one change at a time
+    # against "channels" -- smaller perturbations (closer to ablating k <= 16 channels), the logit target
+    # (no softmax saturation), more gated networks an image
+    "channels_drop01": {"layers": ["blocks.3", "blocks.4"], "per_class": 100, "num_perturbations": 32,
+                        "max_drop": 0.1},
+    "channels_logit": {"layers": ["blocks.3", "blocks.4"], "per_class": 100, "num_perturbations": 32,
+                       "target": "logit"},
+    "channels_n100": {"layers": ["blocks.4"], "per_class": 100, "num_perturbations": 100},
 }
 
 

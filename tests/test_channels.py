@@ -240,3 +240,76 @@ def test_channels_cli_bad_inputs_are_one_line(tmp_path):
         r = _run("channels", *args, *common)
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
+
+
+class _SkipBlock(nn.Module):
+    """timm's residual pattern: the branch, then `x = branch + shortcut` behind `has_skip`."""
+
+    def __init__(self, K):
+        super().__init__()
+        self.conv = nn.Conv2d(K, K, 1, bias=False)
+        self.act = nn.ReLU()
+        self.has_skip = True
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act(self.conv(x))
+        if self.has_skip:
+            x = x + shortcut
+        return x
+
+
+class _StemBlockHead(nn.Module):
+    """BlockHead behind a stem convolution (LRP's first layer gets the flat rule, so the planted head must
+    not be the first layer) and a residual block."""
+
+    def __init__(self, C=3):
+        super().__init__()
+        K = 4 * C + 1
+        self.stem = nn.Conv2d(K, K, 1, bias=False)
+        self.block = _SkipBlock(K)
+        self.head = BlockHead(C)
+        with torch.no_grad():
+            self.stem.weight.copy_(torch.eye(K)[:, :, None, None])
+            self.block.conv.weight.copy_(0.05 * torch.rand(K, K, 1, 1, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_crp_ranking_recovers_the_planted_channels():
+    pytest.importorskip("crp")
+    model = _StemBlockHead().eval()
+    x, y = class_images(n_per_class=6)
+    got = channels.crp_relevance(model, [(x[:9], y[:9]), (x[9:], y[9:])], ["block", "stem"], [0, 1, 2])
+    assert set(got) == {"block", "stem"} and got["block"].shape == (3, 13)
+    for c in range(3):
+        assert set(channels.top_k(got["block"], 4)[c].tolist()) == set(range(4 * c, 4 * c + 4))
+    one = channels.crp_relevance(model, [(x, y)], "block", [0, 1, 2])
+    torch.testing.assert_close(one, got["block"])
+    with pytest.raises(ValueError, match="layers must name modules"):
+        channels.crp_relevance(model, [(x, y)], "nope", [0, 1, 2])
+
+
+def test_skip_sum_canonizer_conserves_relevance_through_the_addition():
+    pytest.importorskip("crp")
+    from crp.attribution import CondAttribution
+    from zennit.composites import EpsilonPlusFlat
+
+    from chip_ext.channels.crp import default_composite
+
+    model = _StemBlockHead().eval()
+    x, y = class_images(n_per_class=1)
+    before = model(x)
+
+    def block_in_and_out(composite):
+        res = CondAttribution(model)(x.clone().requires_grad_(True), [{"y": [int(c)]} for c in y], composite,
+                                     record_layer=["stem", "block"])
+        return res.relevances["stem"].sum(dim=(1, 2, 3)), res.relevances["block"].sum(dim=(1, 2, 3))
+
+    into, out = block_in_and_out(default_composite())
+    torch.testing.assert_close(into, out, rtol=1e-3, atol=1e-4)  # conserved: no bias, ε tiny
+    into_plain, out_plain = block_in_and_out(EpsilonPlusFlat())
+    assert (into_plain > 1.5 * out_plain).all()  # both summands get all of it without the canonizer
+    assert not hasattr(model.block, "canonizer_sum") and model.block.has_skip
+    torch.testing.assert_close(model(x), before)  # the model is as it was

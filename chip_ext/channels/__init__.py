@@ -9,7 +9,8 @@ learned from a dataset (`chip_ext.Importance`), checked for being causal by swit
 """
 from .ablation import AblationResult, ablation, bootstrap_interval
 from .atlas import Atlas, ReceptiveField, atlas, receptive_field
+from .crp import crp_relevance
 from .rankings import gradient_statistics, rankings, top_k
 
-__all__ = ["AblationResult", "Atlas", "ReceptiveField", "ablation", "atlas", "bootstrap_interval",
+__all__ = ["AblationResult", "Atlas", "ReceptiveField", "ablation", "atlas", "bootstrap_interval", "crp_relevance",
            "gradient_statistics", "rankings", "receptive_field", "top_k"]
