@@ -313,3 +313,30 @@ def test_skip_sum_canonizer_conserves_relevance_through_the_addition():
     assert (into_plain > 1.5 * out_plain).all()  # both summands get all of it without the canonizer
     assert not hasattr(model.block, "canonizer_sum") and model.block.has_skip
     torch.testing.assert_close(model(x), before)  # the model is as it was
+
+
+def test_conditional_maps_split_the_class_map_by_channel():
+    model = BlockHead().eval()
+    x, y = class_images(n_per_class=4)
+    imp = chip_ext.distill(model, [x], "act", num_perturbations=32, lam_ratio=0.01, progress=False)
+    images = x[::4]  # one image a class; 'act' keeps the input's 6 x 6 size
+    parts = channels.conditional_maps(model, images, imp, "act", k=4)
+    assert parts.maps.shape == (3, 4, 6, 6) and parts.channels.shape == (3, 4)
+    assert parts.targets.tolist() == [0, 1, 2]  # the top-1 prediction of each image
+    A = torch.relu(images)
+    for b, c in enumerate(parts.targets.tolist()):
+        assert set(parts.channels[b].tolist()) == set(range(4 * c, 4 * c + 4))  # the planted channels
+        for j, ch in enumerate(parts.channels[b].tolist()):
+            W = imp.weights["act"][imp.row(c), ch]
+            torch.testing.assert_close(parts.maps[b, j], W * A[b, ch])
+            assert parts.weights[b, j] == W
+    every = channels.conditional_maps(model, images, imp, "act", target=1, k=13)
+    assert every.targets.tolist() == [1, 1, 1]
+    torch.testing.assert_close(every.maps.sum(dim=1), every.class_maps, rtol=1e-5, atol=1e-6)
+    from chip_ext.maps import normalize_maps
+    torch.testing.assert_close(normalize_maps(torch.relu(every.class_maps)),
+                               chip_ext.explain(model, images, imp, layer="act", target=1))
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 13\]"):
+        channels.conditional_maps(model, images, imp, "act", k=14)
+    with pytest.raises(ValueError, match="not in the importance"):
+        channels.conditional_maps(model, images, imp, "fc", k=1)
