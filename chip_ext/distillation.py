@@ -126,7 +126,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
             checkpoint_every: float = 300.0, max_iter: int = 1000, tol: float = 1e-7,
             class_names: Sequence[str] | None = None, max_images: int | None = None,
             profile: bool = False, shard_accumulators: bool = False, fit_intercept: bool = True,
-            positive: bool = False) -> Importance:
+            positive: bool = False, fold: bool = True) -> Importance:
     """Distils CHIP channel importances of `layers` of `model` over the images of `loader`.
 
     model: a CNN returning logits [B, C_out]; it is split at each layer with torch.fx.
@@ -169,6 +169,11 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     autocast_dtype: None, torch.bfloat16 or torch.float16 (or "bf16" / "fp16") to run the suffix
         under autocast (GPU); part of the checkpoint's configuration.
     max_images: stop after this many images. profile: synchronise the GPU for per-stage timings.
+    fold: where the suffix after a layer is per-channel ops that map 0 to 0 (ReLU, pooling, flatten,
+        eval dropout) and then a Linear, compute the N gated networks' Linear outputs exactly from the
+        ungated head (`chip_ext.fold`: Q_s d_sn + b) instead of running N gated copies (ResNet `layer4`,
+        EfficientNet `bn2`, VGG16 `features.29`). Same sums up to float rounding; imp.meta["fold"] says,
+        per layer, what was folded or why not. fold=False always runs the gated copies.
 
     torch.distributed (initialised by the caller, e.g. under torchrun): rank r forwards the images
     whose global index is r mod world_size (every rank iterates the same loader, in the same
@@ -219,7 +224,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     if lam is not None and lam_ratio is not None:
         raise ValueError("give lam (absolute) or lam_ratio (fraction of each class's lambda_max), not both")
     for flag, value in (("fit_intercept", fit_intercept), ("positive", positive),
-                        ("shard_accumulators", shard_accumulators)):
+                        ("shard_accumulators", shard_accumulators), ("fold", fold)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False; got {value!r}")
     if lam is None and lam_ratio is None:
@@ -265,7 +270,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     states = []
     for layer in layer_list:
         prefix, suffix = split_on(model, view, layer)  # traced once per model, not once per call
-        states.append(LayerState(layer, prefix, suffix))
+        states.append(LayerState(layer, prefix, suffix, fold))
 
     config = {
         "layers": layer_list, "classes": None if classes is None else [int(c) for c in classes],
@@ -344,6 +349,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         "sigma_used": {s.name: s.sigma for s in states},
         "empty_classes": run.empty_classes, "solver": solver_meta, "resumed": resumed,
         "resumed_at_image": run.resumed_at, "world_size": world, "shard_accumulators": run.shard,
+        "fold": {s.name: s.fold_reason for s in states},
         "timing_s": dict(stages.seconds), "device": str(device), "chip_ext_version": __version__,
     }
     return Importance(weights, chosen, class_names=names, meta=meta,

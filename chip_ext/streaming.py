@@ -71,8 +71,14 @@ class Stages:
 class LayerState:
     """A layer's prefix/suffix and its float64 accumulators."""
 
-    def __init__(self, name: str, prefix: nn.Module, suffix: nn.Module):
+    def __init__(self, name: str, prefix: nn.Module, suffix: nn.Module, fold: bool = True):
+        from .fold import find_fold
+
         self.name, self.prefix, self.suffix = name, prefix, suffix
+        # the exact fold of the suffix's head where it applies (chip_ext.fold), and what was decided
+        self.fold, self.fold_reason = find_fold(suffix) if fold else (None, "not folded: fold=False")
+        if self.fold is None and fold:
+            self.fold_reason = "not folded: " + self.fold_reason
         self.acc: ops.Accumulators | None = None
         self.rows: tuple[int, int] | None = None  # the classes [r0, r1) whose sums acc holds
         self.shape: list[int] | None = None  # [K, H, W] of the first batch
@@ -300,6 +306,8 @@ class Run(CheckpointedRun, RankedRun):
 
         memory_budget bounds the gated copies and the suffix's activations together: the first piece
         of a layer is one copy, run node by node to measure the suffix's peak (`PeakMeter`)."""
+        if s.fold is not None:
+            return self._folded_logits(s, A, gates)
         B, K, H, W = A.shape
         N = gates.shape[1]
         result: Tensor | None = None
@@ -320,6 +328,33 @@ class Run(CheckpointedRun, RankedRun):
                 result = torch.empty(B, N, logits.shape[1], dtype=torch.float32, device=logits.device)
             result[i0:i1, n0:n1] = logits.float().reshape(i1 - i0, n1 - n0, -1)
         return result, a
+
+    def _folded_logits(self, s: LayerState, A: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
+        """`_suffix_logits` through the fold: no gated copies; the head once per image, Q_s d_sn per
+        perturbation, the rest of the suffix on [B·N, O]. Images in chunks: Q_s [O, K] and the N
+        first-Linear outputs of an image within memory_budget together."""
+        B, K = A.shape[:2]
+        N = gates.shape[1]
+        a = A.float().mean(dim=(2, 3))  # gate_pool's z of the ungated row: mean_hw(A)
+        if s.copy_bytes is None:  # classes and names checked on one network before the batch's work
+            self._setup_classes(s.fold.logits(A[:1], gates[:1, :1]).shape[1])
+            s.copy_bytes = 0
+        O = s.fold.weight.shape[0]
+        per_image = (O * K + 3 * N * O) * 4
+        step = max(1, self.memory_budget // max(1, per_image))
+        pieces = []
+        for i0 in range(0, B, step):
+            with self.stages("suffix"):
+                if self.autocast_dtype is not None:
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                        logits = s.fold.logits(A[i0:i0 + step], gates[i0:i0 + step])
+                else:
+                    logits = s.fold.logits(A[i0:i0 + step], gates[i0:i0 + step])
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(f"the model's output after layer {s.name!r} must be logits [M, C_out]; got {shape}")
+            pieces.append(logits.float().reshape(-1, N, logits.shape[-1]))
+        return torch.cat(pieces), a
 
     def _suffix_piece(self, s: LayerState, A: Tensor, gates: Tensor, a: Tensor, i0: int, i1: int, n0: int,
                       n1: int, measure: bool = False) -> Tensor:

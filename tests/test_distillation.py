@@ -789,5 +789,17 @@ def test_classes_are_checked_after_one_suffix_copy():
     model = SmallCNN()
     model.head.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
     with pytest.raises(ValueError, match=r"classes \[7\] are out of range: the model has 5 outputs"):
-        chip_ext.distill(model, batches(1), "relu2", classes=[0, 7], num_perturbations=50, progress=False)
+        chip_ext.distill(model, batches(1), "relu2", classes=[0, 7], num_perturbations=50, progress=False,
+                         fold=False)
     assert calls == [1]  # one gated copy ran, not the batch's 4 x 50
+    from chip_ext.fold import Fold
+
+    folded = []
+    original = Fold.logits
+    try:
+        Fold.logits = lambda self, A, gates: folded.append(A.shape[0] * gates.shape[1]) or original(self, A, gates)
+        with pytest.raises(ValueError, match=r"classes \[7\] are out of range"):
+            chip_ext.distill(model, batches(1), "relu2", classes=[0, 7], num_perturbations=50, progress=False)
+    finally:
+        Fold.logits = original
+    assert folded == [1]  # the folded path checks them on one network too
