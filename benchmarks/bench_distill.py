@@ -1,13 +1,17 @@
 """End-to-end distillation speed: chip_ext.distill against the naive way a user would write it.
 
-Naive: for every perturbation, a full forward of the model with a forward hook that gates the
-layer's output, then the same accumulation. Throughputs are for streaming the images (what both
+Naive: full forwards of the model with a forward hook that gates the layer's output, the perturbations
+batched (all N gated networks of a batch's images in one forward of up to --naive-rows inputs), the same
+precision, threads and images, then the same accumulation. Throughputs are for streaming the images (what both
 do); the Lasso solve, once per distillation, is reported on its own. chip_ext: the prefix once per image, gate_pool, the
-suffix on the gated copies, gram_accumulate. Models have random weights (no download); images
+suffix on the gated copies (or, where the suffix's head folds exactly, `chip_ext.fold`: no gated
+copies; both are run, "fp32" with the fold where it applies and "fp32 unfolded" without), gram_accumulate. Models have random weights (no download); images
 are synthetic and already on the device. Writes benchmarks/results/distill-<device>.json.
 
     python benchmarks/bench_distill.py                  # CPU sizes: 112x112, N=16, 100 classes
     python benchmarks/bench_distill.py --size 224 --perturbations 100 --classes 1000 --images 64
+    python benchmarks/bench_distill.py --models vgg16,resnet50,efficientnet_lite0 --size 64 \
+        --perturbations 100 --classes 1000 --images 8 --naive-images 8   # the fold's CPU goal
 """
 from __future__ import annotations
 
@@ -31,11 +35,13 @@ MODELS = {
     "vgg16": (lambda: torchvision.models.vgg16(weights=None), "features.29"),
     "resnet50": (lambda: torchvision.models.resnet50(weights=None), "layer4"),
     "vgg16_conv1_2": (lambda: torchvision.models.vgg16(weights=None), "features.3"),
+    "efficientnet_lite0": (lambda: __import__("timm").create_model("efficientnet_lite0", pretrained=False), "bn2"),
 }
 
 
-def naive_distill(model, layer, images, N, classes, seed, device, batch):
-    """One full forward per perturbation, gating the layer's output with a hook; same sums."""
+def naive_distill(model, layer, images, N, classes, seed, device, batch, rows=64):
+    """Full forwards of the gated networks, gating the layer's output with a hook, the perturbations
+    batched (up to `rows` inputs a forward); same sums."""
     module = dict(model.named_modules())[layer]
     state = {}
 
@@ -59,11 +65,13 @@ def naive_distill(model, layer, images, N, classes, seed, device, batch):
                 K = A.shape[1]
                 gates = sample_gates(range(i0, i0 + B), N, K, seed=seed, layer=layer, device=device)
                 h = proximity(gates, (K / 4) ** 0.5)
+                inputs = x[:, None].expand(B, N, *x.shape[1:]).reshape(B * N, *x.shape[1:])
+                d = gates.reshape(B * N, K).float()
                 logits = []
-                for n in range(N):
-                    state["d"] = gates[:, n].float()
-                    logits.append(model(x).float())
-                logits = torch.stack(logits, dim=1)  # [B, N, C_out]
+                for r0 in range(0, B * N, rows):
+                    state["d"] = d[r0:r0 + rows]
+                    logits.append(model(inputs[r0:r0 + rows]).float())
+                logits = torch.cat(logits).reshape(B, N, -1)  # [B, N, C_out]
                 f = torch.softmax(logits[:, 0], -1)[:, cls]
                 g = torch.softmax(logits, -1)[..., cls].contiguous()
                 if acc is None:
@@ -115,14 +123,19 @@ def bench(name, args, device):
     loader = [images[i:i + args.batch] for i in range(0, args.images, args.batch)]
 
     runs = {}
-    for label, dtype in [("fp32", None)] + ([("bf16 autocast", torch.bfloat16)] if device.type == "cuda" else []):
+    variants = [("fp32", None, True), ("fp32 unfolded", None, False)]
+    if device.type == "cuda":
+        variants += [("bf16 autocast", torch.bfloat16, True), ("bf16 autocast unfolded", torch.bfloat16, False)]
+    weights = {}
+    for label, dtype, fold in variants:
         budget = None if args.memory_budget_mib is None else int(args.memory_budget_mib * 2**20)
         chip_ext.distill(model, loader[:1], layer, num_perturbations=N, classes=classes, progress=False,
-                         autocast_dtype=dtype, memory_budget=budget)  # warm-up
+                         autocast_dtype=dtype, memory_budget=budget, fold=fold)  # warm-up
         sync(device)
         t0 = time.perf_counter()
         imp = chip_ext.distill(model, loader, layer, num_perturbations=N, classes=classes, progress=False,
-                               autocast_dtype=dtype, profile=True, memory_budget=budget)
+                               autocast_dtype=dtype, profile=True, memory_budget=budget, fold=fold)
+        weights[label] = imp.weights[layer].float().cpu()
         sync(device)
         total = time.perf_counter() - t0
         solve = imp.meta["timing_s"]["solve"]
@@ -132,13 +145,17 @@ def bench(name, args, device):
             "seconds_total": total, "seconds_streaming": sec, "seconds_solve": solve,
             "images_per_s": args.images / sec, "perturbed_nets_per_s": args.images * N / sec,
             "useful_TFLOP_per_s": useful / sec / 1e12, "stage_seconds": imp.meta["timing_s"],
-            "solver": imp.meta["solver"][layer],
+            "solver": imp.meta["solver"][layer], "fold": imp.meta["fold"][layer],
         }
+    ref = weights["fp32 unfolded"]
+    for label, W in weights.items():  # W of each path against the unfolded fp32 one
+        runs[label]["W_max_abs_diff_vs_fp32_unfolded"] = float((W - ref).abs().max())
+        runs[label]["W_max_abs"] = float(ref.abs().max())
 
     n_naive = min(args.images, args.naive_images)
     sync(device)
     t0 = time.perf_counter()
-    naive_distill(model, layer, images[:n_naive], N, classes, 0, device, args.batch)
+    naive_distill(model, layer, images[:n_naive], N, classes, 0, device, args.batch, args.naive_rows)
     sync(device)
     naive_sec = time.perf_counter() - t0
     naive_ips = n_naive / naive_sec
@@ -150,6 +167,8 @@ def bench(name, args, device):
         "naive": {"images": n_naive, "seconds": naive_sec, "images_per_s": naive_ips,
                   "perturbed_nets_per_s": naive_ips * N},
         "speedup_vs_naive": runs["fp32"]["images_per_s"] / naive_ips,  # streaming vs streaming
+        "speedup_unfolded_vs_naive": runs["fp32 unfolded"]["images_per_s"] / naive_ips,
+        "speedup_fold": runs["fp32"]["images_per_s"] / runs["fp32 unfolded"]["images_per_s"],
     }
 
 
@@ -164,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=64 if gpu else 16)
     p.add_argument("--batch", type=int, default=16 if gpu else 4)
     p.add_argument("--naive-images", type=int, default=4 if gpu else 2)
+    p.add_argument("--naive-rows", type=int, default=64, help="gated inputs a naive forward (64)")
     p.add_argument("--memory-budget-mib", type=float, default=None,
                    help="distill's memory_budget (default: chip_ext's default for the device)")
     p.add_argument("--out", type=Path, default=None)
@@ -182,7 +202,8 @@ def main(argv=None) -> int:
                   f"{run['perturbed_nets_per_s']:9.1f} nets/s {run['useful_TFLOP_per_s'] * 1e3:8.1f} GFLOP/s  "
                   f"[{stages}]", flush=True)
         print(f"{model:>14} {r['layer']:<12} {'naive':<14} {r['naive']['images_per_s']:8.2f} img/s "
-              f"{r['naive']['perturbed_nets_per_s']:9.1f} nets/s   -> chip_ext {r['speedup_vs_naive']:.1f}x faster",
+              f"{r['naive']['perturbed_nets_per_s']:9.1f} nets/s   -> chip_ext {r['speedup_vs_naive']:.1f}x faster "
+              f"(unfolded {r['speedup_unfolded_vs_naive']:.1f}x; the fold {r['speedup_fold']:.2f}x)",
               flush=True)
     record = {"benchmark": "bench_distill", "device": name, "device_type": device.type,
               "memory_budget_mib": args.memory_budget_mib,

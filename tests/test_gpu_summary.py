@@ -1,0 +1,37 @@
+"""benchmarks/gpu_summary.py reads whatever a device run wrote: files found by their content, not their
+names (reruns, archived names), and a missing file or ceiling said as such, never as nan."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHIVE = ROOT / "benchmarks" / "results" / "h200-2026-11-27"
+
+
+def summary(folder: Path) -> str:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_summary.py"), str(folder)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_the_archived_run_is_read_whole_under_any_names(tmp_path):
+    for i, f in enumerate(sorted(ARCHIVE.glob("*.json"))):
+        shutil.copy(f, tmp_path / f"step{i}_rerun.json")  # names the summary has never seen
+    shutil.copy(ARCHIVE / "ceilings.txt", tmp_path / "gpu_ceilings_rerun.txt")
+    out = summary(tmp_path)
+    assert "nan" not in out and "no file" not in out and "MISSING" not in out
+    assert "787 TFLOP/s" in out and "gate_pool K=512" in out and "admm_lasso C=1000" in out
+    assert out.count("vgg16 features.29 bf16 autocast") == 3  # every bench_distill file, not one
+    assert "1752.3 img/s" in out and "12% of bf16 matmul" in out and "explain, ms per image" in out
+
+
+def test_missing_files_and_ceilings_are_said(tmp_path):
+    shutil.copy(ARCHIVE / "bench_distill_2_512_images.json", tmp_path / "x.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    out = summary(tmp_path)
+    assert "nan" not in out
+    for kind in ("gpu_vs_cpu", "bench_ops", "bench_solver", "explain_speed"):
+        assert f"{kind}" in out and "no file" in out
+    assert "not measured" in out and "unknown (no ceiling)" in out and "1752.3 img/s" in out
