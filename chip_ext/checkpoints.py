@@ -209,6 +209,9 @@ class CheckpointedRun:
         }
 
     def save(self, path) -> None:
+        flush = getattr(self, "flush_nonfinite", None)
+        if flush is not None:  # a GPU batch's NaN/Inf flag is read late: never save sums it would refuse
+            flush()
         write_checkpoint(self._state(), Path(path), self.rank, self.world)
 
     def _load(self, path: Path) -> None:

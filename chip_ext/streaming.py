@@ -118,6 +118,7 @@ class Run(CheckpointedRun, RankedRun):
         self.empty_classes: dict[str, list[int]] = {}
         self._class_index: Tensor | None = None
         self._checks: list[tuple[Tensor, str, list[int]]] = []
+        self._pending = None  # (pinned flag, event, checks) of the last GPU batch, read one batch late
         self.comm_device = distributed.comm_device(device, world)
 
     # ---------------------------------------------------------------- streaming
@@ -172,10 +173,11 @@ class Run(CheckpointedRun, RankedRun):
                     bar.set_postfix_str(f"{rate * self.N * len(self.states):.0f} perturbed nets/s")
                 if checkpoint is not None and self.position > self.resumed_at \
                         and self._time_to_save(last_save, checkpoint_every):
-                    self.save(checkpoint)
+                    self.save(checkpoint)  # reads the last batch's NaN/Inf flag first
                     last_save = time.monotonic()
                 if max_images is not None and position >= max_images:
                     break
+            self.flush_nonfinite()
         finally:
             bar.close()
         if skip > 0:
@@ -236,14 +238,46 @@ class Run(CheckpointedRun, RankedRun):
         self._checks.append((~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1), what, indices))
 
     def _raise_nonfinite(self) -> None:
+        """Ends a batch's NaN/Inf checks. On the CPU they are tested now. On a GPU the batch's one flag
+        is copied to pinned host memory behind an event and read at the end of the next batch (or at a
+        checkpoint, or the end of the stream: `flush_nonfinite`), so the host never waits for the batch it
+        has just queued: no device sync per batch."""
         checks, self._checks = self._checks, []
-        if not checks or not bool(torch.stack([bad.any() for bad, _, _ in checks]).any()):
+        if not checks:
+            return
+        if self.device.type != "cuda":
+            self._raise_first_bad(checks)
+            return
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(torch.stack([bad.any() for bad, _, _ in checks]).any(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        previous, self._pending = self._pending, (flag, event, checks)
+        if previous is not None:
+            self._read_pending(previous)
+
+    def flush_nonfinite(self) -> None:
+        """Reads the last batch's NaN/Inf flag (GPU): before a checkpoint is written and at the end."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._read_pending(pending)
+
+    def _read_pending(self, pending) -> None:
+        flag, event, checks = pending
+        event.synchronize()  # the batch that made the flag, not the ones queued after it
+        if bool(flag):
+            self._raise_first_bad(checks)
+
+    @staticmethod
+    def _raise_first_bad(checks) -> None:
+        if not bool(torch.stack([bad.any() for bad, _, _ in checks]).any()):
             return
         for bad, what, indices in checks:  # the first failing check, in the order they were made
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])
                 raise FloatingPointError(f"NaN or Inf in {what} for image {indices[i]} (global index "
-                                         "in the loader's order); the run stops (a checkpoint holds the sums before this batch)")
+                                         "in the loader's order); the run stops (a checkpoint holds the sums of "
+                                         "the images before it)")
 
     def _check_fits(self, need: int, what: str) -> None:
         """MemoryError before allocating `need` bytes that the device does not have free."""
@@ -447,7 +481,7 @@ class Run(CheckpointedRun, RankedRun):
             self._allocate(s)
             with self.stages("accumulate"):
                 ops.gram_accumulate(*s.acc, a, gates, h, f, g)
-        self._raise_nonfinite()  # one device sync per batch
+        self._raise_nonfinite()  # read one batch late on a GPU: no device sync per batch
 
     # ---------------------------------------------------------------- solve
 

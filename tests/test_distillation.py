@@ -495,6 +495,25 @@ def test_nan_in_scores_names_the_image():
         chip_ext.distill(model, batches(3), "relu2", num_perturbations=2, progress=False)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_nan_is_found_one_batch_late_on_the_gpu_and_never_saved(device, where, tmp_path):
+    """On a GPU a batch's NaN/Inf flag is read at the end of the next batch (no device sync per batch):
+    the run still stops naming the image, also when the NaN is in the last batch, and a checkpoint
+    written every batch never holds the bad batch's sums."""
+    model = SmallCNN()
+    data = batches(3)
+    row = 5 if where == "middle" else 9  # batch 2 of 3, or batch 3 (the last)
+    model.conv2 = nn.Sequential(NaNAt(row=row), model.conv2)
+    ck = tmp_path / "run.ckpt"
+    with pytest.raises(FloatingPointError, match=rf"NaN or Inf in the activations of layer 'relu2' for image {row}"):
+        chip_ext.distill(model, data, "relu2", num_perturbations=3, progress=False, device=device,
+                         checkpoint=ck, checkpoint_every=0)
+    state = torch.load(ck, weights_only=True)  # checkpoint_every=0: one after every good batch
+    assert state["position"] == 4 * (row // 4)  # the batches before the bad one, not it
+    assert all(bool(torch.isfinite(t).all()) for t in state["layers"]["relu2"]["acc"])
+
+
 def test_untraceable_model_says_why():
     class Branchy(SmallCNN):
         def forward(self, x):
