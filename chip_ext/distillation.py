@@ -166,8 +166,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         end; calling again with the same file resumes (and re-solves, if the pass had finished). The
         run holds a lock on it (`<checkpoint>.lock`): a second process on the same path is refused. If
         the final save fails, distill warns and still returns the Importance.
-    autocast_dtype: None, torch.bfloat16 or torch.float16 (or "bf16" / "fp16") to run the suffix
-        under autocast (GPU); part of the checkpoint's configuration.
+    autocast_dtype: None, torch.bfloat16 or torch.float16 (or "bf16" / "fp16") to run the prefix and
+        the suffix under autocast (GPU); part of the checkpoint's configuration.
     max_images: stop after this many images. profile: synchronise the GPU for per-stage timings.
     fold: where the suffix after a layer is per-channel ops that map 0 to 0 (ReLU, pooling, flatten,
         eval dropout) and then a Linear, compute the N gated networks' Linear outputs exactly from the

@@ -5,6 +5,8 @@ CheckpointedRun`) and torch.distributed ranks (`ranks.RankedRun`) are the run's 
 """
 from __future__ import annotations
 
+import contextlib
+
 import time
 import warnings
 from collections.abc import Sequence
@@ -363,6 +365,12 @@ class Run(CheckpointedRun, RankedRun):
             result[i0:i1, n0:n1] = logits.float().reshape(i1 - i0, n1 - n0, -1)
         return result, a
 
+    def _autocast(self):
+        """autocast_dtype's autocast on the run's device (prefix and suffix alike), or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def _folded_logits(self, s: LayerState, A: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
         """`_suffix_logits` through the fold: no gated copies; the head once per image, Q_s d_sn per
         perturbation, the rest of the suffix on [B·N, O]. Images in chunks: Q_s [O, K] and the N
@@ -378,12 +386,8 @@ class Run(CheckpointedRun, RankedRun):
         step = max(1, self.memory_budget // max(1, per_image))
         pieces = []
         for i0 in range(0, B, step):
-            with self.stages("suffix"):
-                if self.autocast_dtype is not None:
-                    with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                        logits = s.fold.logits(A[i0:i0 + step], gates[i0:i0 + step])
-                else:
-                    logits = s.fold.logits(A[i0:i0 + step], gates[i0:i0 + step])
+            with self.stages("suffix"), self._autocast():
+                logits = s.fold.logits(A[i0:i0 + step], gates[i0:i0 + step])
             if not isinstance(logits, Tensor) or logits.dim() != 2:
                 shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
                 raise ValueError(f"the model's output after layer {s.name!r} must be logits [M, C_out]; got {shape}")
@@ -402,12 +406,8 @@ class Run(CheckpointedRun, RankedRun):
         if measure:
             meter = PeakMeter(s.suffix)
             run = meter.run
-        with self.stages("suffix"):
-            if self.autocast_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                    logits = run(gated)
-            else:
-                logits = run(gated)
+        with self.stages("suffix"), self._autocast():
+            logits = run(gated)
         if measure:
             s.copy_bytes = A[0].numel() * A.element_size() + meter.peak
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != gated.shape[0]:
@@ -419,7 +419,7 @@ class Run(CheckpointedRun, RankedRun):
     def _statistics(self, s: LayerState, x: Tensor, indices: list[int]):
         """One layer's per-image statistics of the images x: a [B, K], gates [B, N, K] bool,
         h [B, N], f [B, C] and g [B, N, C] over the chosen classes."""
-        with self.stages("prefix"):
+        with self.stages("prefix"), self._autocast():  # the same precision as the suffix
             try:
                 A = s.prefix(x)
             except RuntimeError as err:
