@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .checkpoints import CheckpointLock
-from .fingerprints import image_fingerprint, model_fingerprint  # noqa: F401  (re-exported)
+from .fingerprints import cached_model_fingerprint, image_fingerprint, model_fingerprint  # noqa: F401  (re-exported)
 from .gates import GATE_STREAM
 from .importance import Importance
 from .maps import inference_view, split_on
@@ -275,7 +275,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     config = {
         "layers": layer_list, "classes": None if classes is None else [int(c) for c in classes],
         "num_perturbations": num_perturbations, "sigma": sigma, "max_drop": max_drop,
-        "target": _target_name(target), "seed": int(seed), "model": model_fingerprint(model),
+        "target": _target_name(target), "seed": int(seed), "model": cached_model_fingerprint(model),
         "gates": GATE_STREAM, "autocast": None if autocast_dtype is None else str(autocast_dtype),
     }
     rank, world = distributed.rank_world()

@@ -1,5 +1,6 @@
-"""benchmarks/gpu_summary.py reads whatever a device run wrote: files found by their content, not their
-names (reruns, archived names), and a missing file or ceiling said as such, never as nan."""
+"""The GPU scripts, checked on the CPU: benchmarks/gpu_summary.py reads whatever a device run wrote (files
+found by their content, not their names; a missing file or ceiling said as such, never as nan), and
+bench_imagenet_scale.py's dry run measures every term of its projection."""
 import shutil
 import subprocess
 import sys
@@ -35,3 +36,25 @@ def test_missing_files_and_ceilings_are_said(tmp_path):
     for kind in ("gpu_vs_cpu", "bench_ops", "bench_solver", "explain_speed"):
         assert f"{kind}" in out and "no file" in out
     assert "not measured" in out and "unknown (no ceiling)" in out and "1752.3 img/s" in out
+
+
+def test_imagenet_scale_dry_run_measures_every_term(tmp_path):
+    """bench_imagenet_scale.py runs end to end on the CPU at tiny sizes (the GPU run uses the same code)."""
+    import json
+    import os
+
+    from shared_data import data_dir
+
+    data = data_dir()
+    out = tmp_path / "scale.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_imagenet_scale.py"), "--dry-run", "--out",
+                        str(out)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "CHIP_EXT_DATA": str(data)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(out.read_text())
+    (run,) = record["results"]
+    assert record["dry_run"] and run["images"] == 48
+    for key in ("loader_images_per_s", "end_to_end_images_per_s", "startup_s", "solve_s", "projection_1gpu_s"):
+        assert run[key] > 0, key
+    assert run["projection_1gpu_s"] > 1_281_167 / run["end_to_end_images_per_s"]
+    assert run["paper_8gpu"]["final_reduce_bytes"] == 10 * (512 * 513 // 2 + 2 * 512 + 3) * 8
