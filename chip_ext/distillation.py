@@ -33,7 +33,7 @@ from .importance import Importance
 from .maps import inference_view, split_on
 from .memory import default_memory_budget
 from .split import default_layer
-from .streaming import LayerState, Run, Stages, images_of  # noqa: F401  (images_of re-exported)
+from .streaming import LayerState, Run, Stages, device_normalizer, images_of  # noqa: F401  (images_of re-exported)
 
 DEFAULT_LAM_RATIO = 0.03  # chosen on the calibration half (README: why these defaults)
 
@@ -98,6 +98,24 @@ def _autocast_arg(value) -> torch.dtype | None:
                      f"got {value!r}")
 
 
+def _normalize_arg(value) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """None, or (mean, std): two sequences of the same length of finite numbers, std > 0."""
+    if value is None:
+        return None
+    try:
+        mean, std = value
+        mean, std = tuple(float(m) for m in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise ValueError(f"normalize must be (mean, std), two sequences of numbers per channel, e.g. "
+                         f"((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)); got {value!r}") from None
+    if not mean or len(mean) != len(std):
+        raise ValueError(f"normalize: mean and std must have one number per channel each; got {len(mean)} "
+                         f"and {len(std)}")
+    if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"normalize: mean must be finite and std > 0; got mean={mean}, std={std}")
+    return mean, std
+
+
 def _score_fn(target: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     if target == "prob":
         return lambda logits: torch.softmax(logits.float(), dim=-1)
@@ -126,7 +144,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
             checkpoint_every: float = 300.0, max_iter: int = 1000, tol: float = 1e-7,
             class_names: Sequence[str] | None = None, max_images: int | None = None,
             profile: bool = False, shard_accumulators: bool = False, fit_intercept: bool = True,
-            positive: bool = False, fold: bool = True) -> Importance:
+            positive: bool = False, fold: bool = True,
+            normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> Importance:
     """Distils CHIP channel importances of `layers` of `model` over the images of `loader`.
 
     model: a CNN returning logits [B, C_out]; it is split at each layer with torch.fx.
@@ -169,6 +188,10 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     autocast_dtype: None, torch.bfloat16 or torch.float16 (or "bf16" / "fp16") to run the prefix and
         the suffix under autocast (GPU); part of the checkpoint's configuration.
     max_images: stop after this many images. profile: synchronise the GPU for per-stage timings.
+    normalize: (mean, std) per channel: the loader's images are uint8 (0-255) or floats in [0, 1], moved
+        to the device as they are (a quarter of the bytes for uint8) and normalised there, (x/255 - mean)
+        / std. Default None: the images are already what the model takes. Part of the checkpoint's
+        configuration.
     fold: where the suffix after a layer is per-channel ops that map 0 to 0 (ReLU, pooling, flatten,
         eval dropout) and then a Linear, compute the N gated networks' Linear outputs exactly from the
         ungated head (`chip_ext.fold`: Q_s d_sn + b) instead of running N gated copies (ResNet `layer4`,
@@ -210,6 +233,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     _float_arg("checkpoint_every", checkpoint_every, positive=False)
     _float_arg("max_drop", max_drop, positive=True, upper=1.0)  # 0 would switch no channel off
     autocast_dtype = _autocast_arg(autocast_dtype)
+    normalize = _normalize_arg(normalize)
     if isinstance(sigma, dict):
         unknown = [k for k in sigma if k not in layer_list]
         if unknown:
@@ -278,6 +302,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         "target": _target_name(target), "seed": int(seed), "model": cached_model_fingerprint(model),
         "gates": GATE_STREAM, "autocast": None if autocast_dtype is None else str(autocast_dtype),
     }
+    if normalize is not None:  # only when given: checkpoints written before the option still resume
+        config["normalize"] = [list(normalize[0]), list(normalize[1])]
     rank, world = distributed.rank_world()
     config["shard_accumulators"] = bool(shard_accumulators) and world > 1  # what the checkpoint sums mean
     dataset = getattr(loader, "dataset", None)
@@ -295,6 +321,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         run = Run(states, config, classes, num_perturbations, sigma, max_drop, score, seed,
                    device, batch_size, memory_budget, autocast_dtype, stages, rank=rank, world=world,
                    shard=shard_accumulators)
+        run.normalize = device_normalizer(normalize, device)
         run.class_names_count = None if class_names is None else len(class_names)
         run.loader_images, run.max_images = loader_images, max_images
         resumed = run.resume(checkpoint) if checkpoint is not None else False

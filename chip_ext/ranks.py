@@ -18,7 +18,7 @@ class RankedRun:
         every rank's per-image statistics are all-gathered, and this rank adds all of them to its
         class block. counts[r]: images of rank r in this chunk (every rank calls this per chunk)."""
         if x is not None:
-            x = x.to(self.device, non_blocking=True)
+            x = self.to_device(x)
         for s in self.states:
             stats = self._statistics(s, x, indices) if x is not None else None
             if s.acc is None:  # first chunk: ranks without images learn K and C from the others

@@ -26,9 +26,10 @@ from .ranks import RankedRun
 from .solver import solve_sums, solver_report
 
 
-def images_of(batch: Any, position: int) -> Tensor:
+def images_of(batch: Any, position: int, allow_uint8: bool = False) -> Tensor:
     """The image tensor [B, C, H, W] of one loader item: a tensor, a (images, ...) tuple/list, or a
-    dict with an "image" key. A single image [C, H, W] counts as a batch of one."""
+    dict with an "image" key. A single image [C, H, W] counts as a batch of one. allow_uint8: uint8
+    images too (distill's `normalize` turns them into floats on the device)."""
     if isinstance(batch, Tensor):
         x = batch
     elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
@@ -41,10 +42,28 @@ def images_of(batch: Any, position: int) -> Tensor:
             "a tuple/list whose first element is one, or a dict with an 'image' key")
     if x.dim() == 3:
         x = x.unsqueeze(0)
-    if x.dim() != 4 or not x.is_floating_point():
+    if x.dim() != 4 or not (x.is_floating_point() or (allow_uint8 and x.dtype == torch.uint8)):
+        hint = "" if x.dtype != torch.uint8 or x.dim() != 4 else \
+            " (uint8 images: pass distill's normalize=(mean, std) to convert them on the device)"
         raise TypeError(f"loader item {position} holds a {x.dim()}-D {x.dtype} tensor of shape "
-                        f"{list(x.shape)}; expected floating-point images [B, C, H, W]")
+                        f"{list(x.shape)}; expected floating-point images [B, C, H, W]{hint}")
     return x
+
+
+def device_normalizer(normalize, device: torch.device):
+    """normalize = (mean, std) per channel -> a function of images on the device: uint8 (0-255) or float
+    in [0, 1] -> (x - mean) / std in float32. None -> None."""
+    if normalize is None:
+        return None
+    mean = torch.tensor([float(m) for m in normalize[0]], device=device)[:, None, None]
+    std = torch.tensor([float(v) for v in normalize[1]], device=device)[:, None, None]
+
+    def apply(x: Tensor) -> Tensor:
+        if x.shape[1] != mean.shape[0]:
+            raise ValueError(f"normalize has {mean.shape[0]} channels but the images have {x.shape[1]}")
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return (x - mean) / std
+    return apply
 
 
 class Stages:
@@ -121,6 +140,7 @@ class Run(CheckpointedRun, RankedRun):
         self._class_index: Tensor | None = None
         self._checks: list[tuple[Tensor, str, list[int]]] = []
         self._pending = None  # (pinned flag, event, checks) of the last GPU batch, read one batch late
+        self.normalize = None  # device_normalizer(normalize): uint8/[0, 1] images normalised on the device
         self.comm_device = distributed.comm_device(device, world)
 
     # ---------------------------------------------------------------- streaming
@@ -141,7 +161,7 @@ class Run(CheckpointedRun, RankedRun):
         try:
             first = True
             for item_index, item in enumerate(loader):
-                x = images_of(item, item_index)
+                x = images_of(item, item_index, allow_uint8=self.normalize is not None)
                 if x.shape[0] == 0:
                     continue  # an empty batch holds no image (and takes no index)
                 if first:
@@ -218,7 +238,7 @@ class Run(CheckpointedRun, RankedRun):
                              f"this loader's has {self.loader_images}: another dataset? Pass another checkpoint path")
         counted = 0
         for item_index, item in enumerate(loader):
-            x = images_of(item, item_index)
+            x = images_of(item, item_index, allow_uint8=self.normalize is not None)
             if x.shape[0] == 0:
                 continue
             if counted == 0:
@@ -365,6 +385,11 @@ class Run(CheckpointedRun, RankedRun):
             result[i0:i1, n0:n1] = logits.float().reshape(i1 - i0, n1 - n0, -1)
         return result, a
 
+    def to_device(self, x: Tensor) -> Tensor:
+        """The images on the run's device, normalised there when `normalize` was given."""
+        x = x.to(self.device, non_blocking=True)
+        return x if self.normalize is None else self.normalize(x)
+
     def _autocast(self):
         """autocast_dtype's autocast on the run's device (prefix and suffix alike), or nothing."""
         if self.autocast_dtype is None:
@@ -475,7 +500,7 @@ class Run(CheckpointedRun, RankedRun):
 
     def process(self, x: Tensor, indices: list[int]) -> None:
         """Adds the images x (global indices `indices`) to every layer's sums."""
-        x = x.to(self.device, non_blocking=True)
+        x = self.to_device(x)
         for s in self.states:
             a, gates, h, f, g = self._statistics(s, x, indices)
             self._allocate(s)

@@ -822,3 +822,28 @@ def test_classes_are_checked_after_one_suffix_copy():
     finally:
         Fold.logits = original
     assert folded == [1]  # the folded path checks them on one network too
+
+
+def test_uint8_images_normalised_on_the_device():
+    """normalize=(mean, std): the loader's uint8 images go to the device as they are and are normalised
+    there; W equals that of the same images normalised beforehand."""
+    g = torch.Generator().manual_seed(0)
+    raw = [torch.randint(0, 256, (4, 3, 10, 10), generator=g, dtype=torch.uint8) for _ in range(3)]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    ready = [(x.float() / 255 - m) / s for x in raw]
+    kw = dict(num_perturbations=6, progress=False, **TIGHT)
+    ref = chip_ext.distill(SmallCNN(), ready, "relu2", **kw)
+    got = chip_ext.distill(SmallCNN(), raw, "relu2", normalize=(mean, std), **kw)
+    torch.testing.assert_close(got.weights["relu2"], ref.weights["relu2"], rtol=1e-4, atol=1e-6)
+    floats = chip_ext.distill(SmallCNN(), [x.float() / 255 for x in raw], "relu2", normalize=(mean, std), **kw)
+    torch.testing.assert_close(floats.weights["relu2"], ref.weights["relu2"], rtol=1e-4, atol=1e-6)
+    assert got.meta["normalize"] == [list(mean), list(std)]
+    with pytest.raises(TypeError, match=r"uint8 images: pass distill's normalize=\(mean, std\)"):
+        chip_ext.distill(SmallCNN(), raw, "relu2", **kw)
+    for bad, pattern in [((mean,), r"normalize must be \(mean, std\)"), ((mean, std[:2]), "one number per channel"),
+                         ((mean, (0.2, 0.0, 0.2)), "std > 0"), ("imagenet", r"normalize must be \(mean, std\)")]:
+        with pytest.raises(ValueError, match=pattern):
+            chip_ext.distill(SmallCNN(), raw, "relu2", normalize=bad, **kw)
+    with pytest.raises(ValueError, match="normalize has 1 channels but the images have 3"):
+        chip_ext.distill(SmallCNN(), raw, "relu2", normalize=((0.5,), (0.5,)), **kw)
