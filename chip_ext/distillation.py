@@ -35,7 +35,7 @@ from .memory import default_memory_budget
 from .split import default_layer
 from .streaming import LayerState, Run, Stages, device_normalizer, images_of  # noqa: F401  (images_of re-exported)
 
-DEFAULT_LAM_RATIO = 0.03  # chosen on the calibration half (README: why these defaults)
+DEFAULT_LAM_RATIO = 0.03  # chosen on the calibration half (docs/evaluation.md: why these defaults)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -167,7 +167,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     fit_intercept: an unpenalised intercept per class (scikit-learn's convention), so the baseline
         score is not absorbed by channels with a large mean; the intercepts are in
         `Importance.intercepts`. Default True (and lam_ratio 0.03): the best mean localisation over six
-        EfficientNet-Lite0 layers on the calibration half (README, "why these defaults"). positive: non-negative weights (scikit-learn's positive=True).
+        EfficientNet-Lite0 layers on the calibration half (docs/evaluation.md, "why these defaults"). positive: non-negative weights (scikit-learn's positive=True).
         Both only change the solve: a finished checkpoint re-solves with other values, no new pass.
     target: "prob" (softmax, the paper's), "logit", or a callable mapping logits [M, C_out] to
         scores [M, C_out]. The loyalty weights f are always the unperturbed probabilities.

@@ -1,14 +1,35 @@
-"""The README's runnable examples run as written and give what the README says they give."""
+"""The README's and the docs' runnable examples run as written and give what the pages say they give;
+every relative link and picture in them points at a file that exists."""
 import re
 from pathlib import Path
 
 import torch
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def runnable_blocks() -> list[str]:
-    return [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "# runnable as-is" in b]
+    return [b for page in PAGES for b in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+            if "# runnable as-is" in b]
+
+
+def test_every_relative_link_resolves():
+    broken = []
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # not inside code
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            if not path.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
+
+
+def test_the_readme_stays_short():
+    assert len(README.read_text().splitlines()) <= 250  # the user's manual; the rest is in docs/
 
 
 def run_block(code: str, tmp_path) -> dict:
@@ -19,7 +40,7 @@ def run_block(code: str, tmp_path) -> dict:
 
 def test_runnable_readme_blocks(tmp_path, monkeypatch, capsys):
     blocks = runnable_blocks()
-    assert len(blocks) >= 3, "the README lost a block marked '# runnable as-is'"
+    assert len(blocks) >= 3, "the pages lost a block marked '# runnable as-is'"
     monkeypatch.chdir(tmp_path)
     checked = set()
     for code in blocks:
