@@ -19,7 +19,7 @@ CUDA_ROOT := $(if $(NVCC),$(shell f=$$(readlink -f $(NVCC)); if head -c2 $$f | g
 SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.cu' -o -name '*.h' | grep -v build_config.h) \
            setup.py pyproject.toml
 
-.PHONY: test build pytest ctest bench demo clean browser
+.PHONY: test build pytest ctest bench demo clean browser docs
 
 $(VENV)/.deps: requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -52,7 +52,11 @@ ctest: build
 	cmake --build build-cmake -j2
 	ctest --test-dir build-cmake --output-on-failure
 
-test: pytest ctest
+test: pytest ctest docs
+
+# the documentation site (MkDocs + Material + mkdocstrings) into site/, warnings as errors
+docs: build
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 bench: build
 	$(PY) benchmarks/bench_ops.py
@@ -61,4 +65,4 @@ demo: build
 	$(PY) -m chip_ext demo --out demo_out
 
 clean:
-	rm -rf build build-cmake demo_out chip_ext/_C*.so chip_ext/_build_info.py python/build_config.h $(VENV)/.built
+	rm -rf build build-cmake demo_out site chip_ext/_C*.so chip_ext/_build_info.py python/build_config.h $(VENV)/.built
