@@ -43,24 +43,14 @@ def writable_file(path: str, flag: str):
 
 def writable_dir(path: str, flag: str, of=None):
     """An output folder, made if missing and checked writable before any work."""
-    import os
-    import tempfile
     from pathlib import Path
 
+    from .paths import folder_problem
+
     p = Path(path)
-    what = of if of is not None else p
-    for q in (p, *p.parents):
-        if q.exists():
-            if not q.is_dir():
-                raise SystemExit(f"{flag}: {what} cannot be written: {q} is a file, not a folder")
-            break
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".chip-ext-probe.", dir=p)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise SystemExit(f"{flag}: {what} cannot be written: {err.strerror or err} ({p})") from None
+    problem = folder_problem(p)
+    if problem is not None:
+        raise SystemExit(f"{flag}: {of if of is not None else p} cannot be written: {problem}")
     return p
 
 

@@ -16,8 +16,6 @@ import contextlib
 import itertools
 import math
 import operator
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .checkpoints import CheckpointLock
+from .paths import folder_problem
 from .fingerprints import cached_model_fingerprint, image_fingerprint, model_fingerprint  # noqa: F401  (re-exported)
 from .gates import GATE_STREAM
 from .importance import Importance
@@ -68,19 +67,9 @@ def _writable(path: Path) -> Path:
     be written there (a read-only folder, or a path under a regular file, failed only at the first save)."""
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder; pass a file path")
-    parent = path.parent
-    for p in (parent, *parent.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"checkpoint {path}: {p} is a file, not a folder")
-            break
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe.", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ValueError(f"checkpoint {path} cannot be written: {err.strerror or err} ({parent})") from None
+    problem = folder_problem(path.parent)
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} cannot be written: {problem}")
     return path
 
 

@@ -448,7 +448,7 @@ def test_arguments_checked_at_the_first_batch():
 def test_checkpoint_that_cannot_be_written_is_refused_before_the_pass(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ValueError, match=r"checkpoint .*file/run.ckpt: .*file is a file, not a folder"):
+    with pytest.raises(ValueError, match=r"checkpoint .*file/run.ckpt cannot be written: .*file is a file, not a folder"):
         chip_ext.distill(SmallCNN(), Untouchable(), "relu2", checkpoint=blocker / "run.ckpt", progress=False)
     with pytest.raises(ValueError, match=r"checkpoint .* is a folder"):
         chip_ext.distill(SmallCNN(), Untouchable(), "relu2", checkpoint=tmp_path, progress=False)
