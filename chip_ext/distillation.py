@@ -123,6 +123,117 @@ def _target_name(target: str | Callable) -> str:
 # ---------------------------------------------------------------------------------- distill
 
 
+def _checked_layers(model: nn.Module, layers) -> list[str]:
+    """layers as a list of distinct module names; None: the layer CAM would use (eval-mode graph)."""
+    if layers is None:
+        return [default_layer(inference_view(model))]
+    layer_list = [layers] if isinstance(layers, str) else list(layers)
+    if not layer_list or not all(isinstance(l, str) for l in layer_list):
+        raise ValueError(f"layers must be a module name or a non-empty list of them; got {layers!r}")
+    if len(set(layer_list)) != len(layer_list):
+        raise ValueError(f"layers has duplicates: {layer_list}")
+    return layer_list
+
+
+def _checked_sigma(sigma, layer_list: list[str]):
+    """A {layer: σ} dict checked against the layers and made floats; anything else as it is."""
+    if not isinstance(sigma, dict):
+        return sigma
+    unknown = [k for k in sigma if k not in layer_list]
+    if unknown:
+        raise ValueError(f"sigma has layers {unknown} that are not in layers {layer_list}")
+    for name, value in sigma.items():
+        _float_arg(f"sigma[{name!r}]", value, positive=True)
+    return {k: float(v) for k, v in sigma.items()}
+
+
+def _checked_classes(classes) -> list[int] | None:
+    """None, or distinct non-negative integer class indices."""
+    if classes is None:
+        return None
+    classes = list(classes) if not isinstance(classes, Tensor) else classes.tolist()
+    if not classes:
+        raise ValueError("classes must be None (all outputs) or a non-empty list of class indices; got []")
+    bad = [c for c in classes if isinstance(c, bool) or not _is_index(c)]
+    if bad:
+        raise TypeError(f"classes must be integer class indices; got {bad[:10]}")
+    classes = [operator.index(c) for c in classes]
+    negative = [c for c in classes if c < 0]
+    if negative:
+        raise ValueError(f"classes must be model output indices >= 0; got {negative[:10]}")
+    dup = sorted({c for c in classes if classes.count(c) > 1})
+    if dup:
+        raise ValueError(f"classes has duplicates: {dup[:10]}")
+    return classes
+
+
+def _checked_class_names(class_names, classes: list[int] | None) -> list[str] | None:
+    """None, or a list of strings naming all outputs or the chosen classes (all outputs is checked once
+    their number is known)."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
+        raise TypeError("class_names must be a list of strings")
+    class_names = list(class_names)
+    if classes is not None and len(class_names) != len(classes) and len(class_names) <= max(classes):
+        raise ValueError(f"class_names must name all the model's outputs or the {len(classes)} chosen classes; "
+                         f"got {len(class_names)} names")
+    return class_names
+
+
+def _run_device(model: nn.Module, device) -> torch.device:
+    """Where the run computes: `device`, or the model's; never 'meta'; 'cuda' made explicit."""
+    params = list(itertools.chain(model.parameters(), model.buffers()))
+    model_device = params[0].device if params else torch.device("cpu")
+    device = torch.device(device) if device is not None else model_device
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no data: distill needs a device that computes ('cpu', 'cuda', ...)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _stream_or_reuse(run: Run, loader, progress: bool, checkpoint, checkpoint_every: float,
+                     max_images: int | None, world: int) -> None:
+    """The pass over the images into the run's sums, or (a finished checkpoint) a check that the loader is
+    the one it was made with; the final checkpoint written (a failed write warns: W is still returned)."""
+    if run.complete:
+        run.check_finished_run(loader, checkpoint)
+        return
+    run.stream(loader, progress, checkpoint, checkpoint_every, max_images)
+    if world > 1:
+        run.finish()
+    if checkpoint is not None:
+        run.complete = True
+        try:
+            run.save(checkpoint)
+        except OSError as err:  # the pass is done: return W, say the sums are not saved
+            warnings.warn(f"the pass over the images finished, but its final checkpoint could not be "
+                          f"written ({err}); the Importance is returned, and resuming from {checkpoint} "
+                          "would start from its last saved position", UserWarning, stacklevel=3)
+
+
+def _warn_underdetermined(run: Run, states: list[LayerState], N: int) -> None:
+    for st in states:
+        if run.seen * N < st.shape[0]:
+            warnings.warn(
+                f"layer {st.name!r}: {run.seen} images x N={N} = {run.seen * N} gated samples for "
+                f"K={st.shape[0]} channels: the Lasso is underdetermined (W is not unique) and ADMM may stop at "
+                "max_iter; distil more images", stacklevel=3)
+
+
+def _names_of_chosen(class_names: list[str] | None, chosen: list[int], num_outputs: int) -> list[str] | None:
+    """The names of the chosen classes, from names of all outputs or of the chosen classes."""
+    if class_names is None:
+        return None
+    if len(class_names) == num_outputs:
+        return [class_names[c] for c in chosen]
+    if len(class_names) == len(chosen):
+        return list(class_names)
+    raise ValueError(f"class_names must name all {num_outputs} outputs or the {len(chosen)} "
+                     f"chosen classes; got {len(class_names)} names")
+
+
 def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | None = None, *,
             classes: Sequence[int] | None = None, num_perturbations: int = 100,
             sigma: float | dict[str, float] | None = None, lam: float | None = None, lam_ratio: float | None = None,
@@ -201,14 +312,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     Returns an Importance with W: Tensor[C, K] per layer.
     """
     # ---- arguments: everything that could only fail at the end is checked before the first image
-    if layers is None:  # the layer CAM would use, read off the eval-mode graph
-        layer_list = [default_layer(inference_view(model))]
-    else:
-        layer_list = [layers] if isinstance(layers, str) else list(layers)
-    if not layer_list or not all(isinstance(l, str) for l in layer_list):
-        raise ValueError(f"layers must be a module name or a non-empty list of them; got {layers!r}")
-    if len(set(layer_list)) != len(layer_list):
-        raise ValueError(f"layers has duplicates: {layer_list}")
+    layer_list = _checked_layers(model, layers)
     _int_arg("num_perturbations", num_perturbations, 1)
     if num_perturbations < 2:
         raise ValueError("num_perturbations must be >= 2: it counts the unperturbed network, so N=1 perturbs "
@@ -223,13 +327,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     _float_arg("max_drop", max_drop, positive=True, upper=1.0)  # 0 would switch no channel off
     autocast_dtype = _autocast_arg(autocast_dtype)
     normalize = _normalize_arg(normalize)
-    if isinstance(sigma, dict):
-        unknown = [k for k in sigma if k not in layer_list]
-        if unknown:
-            raise ValueError(f"sigma has layers {unknown} that are not in layers {layer_list}")
-        for name, value in sigma.items():
-            _float_arg(f"sigma[{name!r}]", value, positive=True)
-        sigma = {k: float(v) for k, v in sigma.items()}
+    sigma = _checked_sigma(sigma, layer_list)
     for name, value, strict in (("sigma", None if isinstance(sigma, dict) else sigma, True), ("rho", rho, True),
                                 ("lam", lam, False), ("lam_ratio", lam_ratio, False)):
         if value is not None:
@@ -242,38 +340,13 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
             raise TypeError(f"{flag} must be True or False; got {value!r}")
     if lam is None and lam_ratio is None:
         lam_ratio = DEFAULT_LAM_RATIO
-    if classes is not None:
-        classes = list(classes) if not isinstance(classes, Tensor) else classes.tolist()
-        if not classes:
-            raise ValueError("classes must be None (all outputs) or a non-empty list of class indices; got []")
-        bad = [c for c in classes if isinstance(c, bool) or not _is_index(c)]
-        if bad:
-            raise TypeError(f"classes must be integer class indices; got {bad[:10]}")
-        classes = [operator.index(c) for c in classes]
-        negative = [c for c in classes if c < 0]
-        if negative:
-            raise ValueError(f"classes must be model output indices >= 0; got {negative[:10]}")
-        dup = sorted({c for c in classes if classes.count(c) > 1})
-        if dup:
-            raise ValueError(f"classes has duplicates: {dup[:10]}")
-    if class_names is not None:
-        if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
-            raise TypeError("class_names must be a list of strings")
-        class_names = list(class_names)
-        if classes is not None and len(class_names) != len(classes) and len(class_names) <= max(classes):
-            raise ValueError(f"class_names must name all the model's outputs or the {len(classes)} chosen classes; "
-                             f"got {len(class_names)} names")
+    classes = _checked_classes(classes)
+    class_names = _checked_class_names(class_names, classes)
     if checkpoint is not None:
         checkpoint = _writable(Path(checkpoint))
     score = _score_fn(target)
 
-    params = list(itertools.chain(model.parameters(), model.buffers()))
-    model_device = params[0].device if params else torch.device("cpu")
-    device = torch.device(device) if device is not None else model_device
-    if device.type == "meta":
-        raise ValueError("device='meta' holds no data: distill needs a device that computes ('cpu', 'cuda', ...)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _run_device(model, device)
     if memory_budget is None:
         memory_budget = default_memory_budget(device)
 
@@ -314,27 +387,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         run.class_names_count = None if class_names is None else len(class_names)
         run.loader_images, run.max_images = loader_images, max_images
         resumed = run.resume(checkpoint) if checkpoint is not None else False
-        if run.complete:
-            run.check_finished_run(loader, checkpoint)
-        else:
-            run.stream(loader, progress, checkpoint, checkpoint_every, max_images)
-            if world > 1:
-                run.finish()
-            if checkpoint is not None:
-                run.complete = True
-                try:
-                    run.save(checkpoint)
-                except OSError as err:  # the pass is done: return W, say the sums are not saved
-                    warnings.warn(f"the pass over the images finished, but its final checkpoint could not be "
-                                  f"written ({err}); the Importance is returned, and resuming from {checkpoint} "
-                                  "would start from its last saved position", UserWarning, stacklevel=2)
-        for st in states:
-            if run.seen * num_perturbations < st.shape[0]:
-                warnings.warn(
-                    f"layer {st.name!r}: {run.seen} images x N={num_perturbations} = "
-                    f"{run.seen * num_perturbations} gated samples for K={st.shape[0]} channels: the Lasso is "
-                    "underdetermined (W is not unique) and ADMM may stop at max_iter; distil more images",
-                    stacklevel=2)
+        _stream_or_reuse(run, loader, progress, checkpoint, checkpoint_every, max_images, world)
+        _warn_underdetermined(run, states, num_perturbations)
         with stages("solve"):
             weights, intercepts, lams, solver_meta = run.solve(lam, lam_ratio, rho, max_iter, tol,
                                                                fit_intercept, positive)
@@ -343,16 +397,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
                 warnings.warn(solver_meta[st.name]["message"], UserWarning, stacklevel=2)
 
     chosen = run.classes
-    names = None
-    if class_names is not None:
-        class_names = list(class_names)
-        if len(class_names) == run.num_outputs:
-            names = [class_names[c] for c in chosen]
-        elif len(class_names) == len(chosen):
-            names = class_names
-        else:
-            raise ValueError(f"class_names must name all {run.num_outputs} outputs or the {len(chosen)} "
-                             f"chosen classes; got {len(class_names)} names")
+    names = _names_of_chosen(class_names, chosen, run.num_outputs)
     from . import __version__
 
     meta = {
