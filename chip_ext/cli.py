@@ -45,7 +45,7 @@ def writable_dir(path: str, flag: str, of=None):
     """An output folder, made if missing and checked writable before any work."""
     from pathlib import Path
 
-    from .paths import folder_problem
+    from .distillation.paths import folder_problem
 
     p = Path(path)
     problem = folder_problem(p)
@@ -79,8 +79,12 @@ def _explain(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from . import Importance, baselines, explain, models, render
-    from .maps import check_logits
+    from . import Importance
+    from .explanation import baselines
+    from . import explain  # the function (chip_ext.explain)
+    from .evaluation import models
+    from .explanation import render
+    from .explanation.maps import check_logits
 
     out = writable_dir(args.out, "--out")
     imp = Importance.load(args.importance)
@@ -157,7 +161,11 @@ def _explain(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import Importance, data, evaluation, faithfulness, models
+    from . import Importance
+    from .evaluation import data
+    from .evaluation import core as evaluation
+    from .evaluation import faithfulness
+    from .evaluation import models
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in evaluation.METHODS]
@@ -205,7 +213,10 @@ def _distill(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from . import data, distill, distributed, models
+    from .evaluation import data
+    from . import distill
+    from .distillation import distributed
+    from .evaluation import models
 
     started_here = False
     if distributed.launched() and not dist.is_initialized():  # under torchrun
@@ -256,9 +267,12 @@ def _channels(args: argparse.Namespace) -> int:
 
     from torch.utils.data import DataLoader
 
-    from . import Importance, channels, data, models
+    from . import Importance
+    from . import channels
+    from .evaluation import data
+    from .evaluation import models
     from .channels.report import write_report
-    from .fingerprints import model_fingerprint
+    from .distillation.fingerprints import model_fingerprint
 
     out = writable_dir(args.out, "--out")
     imp = Importance.load(args.importance)
@@ -320,7 +334,7 @@ def target_class(text: str, imp, num_outputs: int) -> int:
 
 
 def explain_layers(model, imp):
-    from .explain import forward_order
+    from .explanation.explain import forward_order
 
     return forward_order(model, imp.layers)
 

@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import baselines, distill, explain, models, render
+from .explanation import baselines
+from . import distill
+from . import explain  # the function (chip_ext.explain)
+from .evaluation import models
+from .explanation import render
 from .importance import Importance
 
 LAST, FIRST = "blocks.6", "bn1"

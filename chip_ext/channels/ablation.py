@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..maps import cached_split, inference_view, layer_activations
+from ..explanation.maps import cached_split, inference_view, layer_activations
 from .rankings import top_k
 
 MODES = ("zero", "mean")

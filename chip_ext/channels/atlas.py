@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..maps import cached_split, inference_view, run_model
+from ..explanation.maps import cached_split, inference_view, run_model
 
 FORMAT = "chip_ext.channels.Atlas"
 FORMAT_VERSION = 1
@@ -167,7 +167,7 @@ def atlas(model: nn.Module, loader: Iterable, layer: str, top: int = 16, *, prog
     position. Only the model's prefix up to the layer runs (no gradient)."""
     from tqdm.auto import tqdm
 
-    from ..streaming import images_of
+    from ..distillation.streaming import images_of
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top must be an int >= 1; got {top!r}")

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..explain import _given_targets
+from ..explanation.explain import _given_targets
 from ..importance import Importance
-from ..maps import cached_split, check_images, inference_view, layer_activations, resolve_target, upsample
+from ..explanation.maps import cached_split, check_images, inference_view, layer_activations, resolve_target, upsample
 
 
 @dataclass

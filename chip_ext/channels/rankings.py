@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..importance import Importance
-from ..maps import cached_split, inference_view, run_model
+from ..explanation.maps import cached_split, inference_view, run_model
 
 
 def _images_and_labels(item, position: int) -> tuple[Tensor, Tensor]:
@@ -63,7 +63,7 @@ def gradient_statistics(model: nn.Module, loader: Iterable, layer: str, classes:
 def classifier_rows(model: nn.Module, layer: str, classes: Sequence[int]) -> Tensor | None:
     """CAM's channel weights: the rows of the Linear that follows global pooling after `layer`, or None
     where the model does not end so there."""
-    from ..baselines import cam_weights
+    from ..explanation.baselines import cam_weights
 
     try:
         W, _ = cam_weights(model, layer)

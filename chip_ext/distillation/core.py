@@ -28,8 +28,8 @@ from .checkpoints import CheckpointLock
 from .paths import folder_problem
 from .fingerprints import cached_model_fingerprint, image_fingerprint, model_fingerprint  # noqa: F401  (re-exported)
 from .gates import GATE_STREAM
-from .importance import Importance
-from .maps import inference_view, split_on
+from ..importance import Importance
+from ..explanation.maps import inference_view, split_on
 from .memory import default_memory_budget
 from .split import default_layer
 from .streaming import LayerState, Run, Stages, device_normalizer, images_of  # noqa: F401  (images_of re-exported)
@@ -398,7 +398,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
 
     chosen = run.classes
     names = _names_of_chosen(class_names, chosen, run.num_outputs)
-    from . import __version__
+    from .. import __version__
 
     meta = {
         **config,

@@ -15,13 +15,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from . import baselines, faithfulness, peers
+from ..explanation import baselines
+from . import faithfulness
+from ..explanation import peers
 from .data import LocalizationDataset, collate_localization
-from .explain import explain
-from .image_chip import image_chip, region_chip
-from .importance import Importance
+from ..explanation.explain import explain
+from ..explanation.image_chip import image_chip, region_chip
+from ..importance import Importance
 from .localization import DEFAULT_THRESHOLDS, box_correct_both, ilsvrc_metrics
-from .maps import inference_view, shared_activations
+from ..explanation.maps import inference_view, shared_activations
 
 MapFn = Callable[[Tensor, Tensor], Tensor]  # (normalised images [B,3,H,W], classes [B]) -> maps [B,H,W]
 
