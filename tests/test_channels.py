@@ -83,7 +83,8 @@ def test_chip_and_the_gradient_rankings_recover_the_planted_channels():
     x, y = class_images(n_per_class=12)
     imp = chip_ext.distill(model, [x[:18], x[18:]], "act", num_perturbations=48, lam_ratio=0.01, progress=False)
     sources = channels.rankings(model, [(x[:18], y[:18]), (x[18:], y[18:])], "act", [0, 1, 2], importance=imp)
-    assert set(sources) == {"chip_weight", "chip_effect", "taylor", "gradcam", "activation", "classifier"}
+    assert set(sources) == {"chip_weight", "chip_effect", "taylor", "gradcam", "activation", "pooled_taylor",
+                            "classifier"}
     for name in ("chip_effect", "chip_weight", "taylor", "classifier"):
         top = channels.top_k(sources[name], 4)
         for c in range(3):
@@ -93,6 +94,9 @@ def test_chip_and_the_gradient_rankings_recover_the_planted_channels():
     # gradcam's weight of channel k for class c is fc[c, k] / (h w): the planted weights over 36 positions
     torch.testing.assert_close(stats["gradcam"], model.fc.weight.detach() / 36)
     torch.testing.assert_close(stats["activation"][0], x[:12].mean(dim=(0, 2, 3)))
+    # pooled Taylor: h·w · mean grad · mean activation per image, averaged; the head is linear in the pooled
+    # map, so it equals the full Taylor here (where the activation sits does not matter to a mean)
+    torch.testing.assert_close(stats["pooled_taylor"], stats["taylor"], rtol=1e-5, atol=1e-6)
 
 
 def test_bootstrap_interval_and_bad_arguments():

@@ -25,7 +25,9 @@ def _images_and_labels(item, position: int) -> tuple[Tensor, Tensor]:
 def gradient_statistics(model: nn.Module, loader: Iterable, layer: str, classes: Sequence[int]) -> dict[str, Tensor]:
     """Dataset averages over the images of each class (by their labels) of, per channel k of `layer`:
     "taylor": Σ_hw ∂y_c/∂A_k · A_k (first-order Taylor, the pruning criterion of Molchanov et al.),
-    "gradcam": mean_hw ∂y_c/∂A_k (Grad-CAM's channel weight α_k^c), "activation": mean_hw A_k;
+    "gradcam": mean_hw ∂y_c/∂A_k (Grad-CAM's channel weight α_k^c), "activation": mean_hw A_k,
+    "pooled_taylor": h·w · mean_hw ∂y_c/∂A_k · mean_hw A_k (first-order Taylor that, like CHIP's linear
+    model, sees only the pooled map: where the gradient and the activation sit is lost);
     y_c the logit of the image's own class c. -> {name: Tensor[C, K]} (zeros for a class without images),
     and "count": Tensor[C] images per class."""
     view = inference_view(model)
@@ -45,8 +47,10 @@ def gradient_statistics(model: nn.Module, loader: Iterable, layer: str, classes:
             A = A.detach().requires_grad_(True)
             logits = suffix(A.clone())
             (grad,) = torch.autograd.grad(logits.gather(1, y.to(logits.device)[:, None]).sum(), A)
+        hw = A.shape[2] * A.shape[3]
         per = {"taylor": (grad * A.detach()).sum(dim=(2, 3)), "gradcam": grad.mean(dim=(2, 3)),
-               "activation": A.detach().mean(dim=(2, 3))}
+               "activation": A.detach().mean(dim=(2, 3)),
+               "pooled_taylor": hw * grad.mean(dim=(2, 3)) * A.detach().mean(dim=(2, 3))}
         if sums is None:
             sums = {k: torch.zeros(len(classes), v.shape[1], dtype=torch.float64) for k, v in per.items()}
         rows = torch.tensor([row[int(c)] for c in y.tolist()])
