@@ -1,14 +1,14 @@
 // Operator schemas. Device kernels are registered beside their implementations
-// (cpu/*.cpp, cuda/*.cu); fake (meta) kernels for torch.compile are in chip_ext/ops.py.
+// (cpu/*.cpp, cuda/*.cu); fake (meta) kernels for torch.compile are in chip_ext/kernels/ops.py.
 #include <torch/library.h>
 #include <torch/version.h>
 
 TORCH_LIBRARY(chip_ext, m) {
   // Fake kernels live in Python; tell the dispatcher which module registers them.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
-  m.set_python_module("chip_ext.ops");
+  m.set_python_module("chip_ext.kernels.ops");
 #else
-  m.impl_abstract_pystub("chip_ext.ops");
+  m.impl_abstract_pystub("chip_ext.kernels.ops");
 #endif
   // gated[b*N+n, k] = gates[b,n,k] * A[b,k]   (A's dtype and memory format)
   // z[b,n,k]        = gates[b,n,k] * mean_hw(A[b,k])   (float32)
