@@ -2,15 +2,6 @@
 (`data`), the model zoo (`models`) and the evaluation driver (`core.evaluate`).
 
 The names of `core` are reachable from the package itself."""
+from .._lazy import core_getattr
 
-
-def __getattr__(name: str):
-    import importlib
-
-    if name.startswith("__"):
-        raise AttributeError(name)
-    core = importlib.import_module(f"{__name__}.core")  # lazily: the submodules import each other
-    try:
-        return getattr(core, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = core_getattr(__name__)
