@@ -404,7 +404,7 @@ class Run(CheckpointedRun, RankedRun):
         first-Linear outputs of an image within memory_budget together."""
         B, K = A.shape[:2]
         N = gates.shape[1]
-        a = A.float().mean(dim=(2, 3))  # gate_pool's z of the ungated row: mean_hw(A)
+        a = A.mean(dim=(2, 3), dtype=torch.float32)  # mean_hw(A) without a float copy of A
         if s.copy_bytes is None:  # classes and names checked on one network before the batch's work
             self._setup_classes(s.fold.logits(A[:1], gates[:1, :1]).shape[1])
             s.copy_bytes = 0
