@@ -63,6 +63,10 @@ PASSES: dict[str, dict] = {
     "channels_logit": {"layers": ["blocks.3", "blocks.4"], "per_class": 100, "num_perturbations": 32,
                        "target": "logit"},
     "channels_n100": {"layers": ["blocks.4"], "per_class": 100, "num_perturbations": 100},
+    # ILSVRC breadth: W for all 1000 classes from one train image a class (imagenet/train-one-per-class),
+    # the layers of the fused map and the ILSVRC layer sweep
+    "ilsvrc": {"layers": ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"], "per_class": None,
+               "num_perturbations": 32, "root": "imagenet/train-one-per-class"},
 }
 
 
@@ -108,6 +112,7 @@ def _distill_kwargs(model, tag: str) -> tuple[dict, data.ImageNetTrain | None]:
     spec = dict(PASSES[tag])
     per_class = spec.pop("per_class")
     spec.pop("bernoulli_p", None)  # not a distill argument (see distill_pass)
+    spec.pop("root", None)  # the train folder (train_root)
     scale = spec.pop("sigma_scale", None)
     if scale is not None:  # σ = scale * √(K/4) per layer
         from chip_ext.gates import default_sigma
@@ -123,11 +128,16 @@ def _distill_kwargs(model, tag: str) -> tuple[dict, data.ImageNetTrain | None]:
     return spec, per_class
 
 
+def train_root(tag: str) -> Path:
+    """The train images of pass `tag` (Imagenette's unless the pass names another folder of DATA)."""
+    return DATA / PASSES[tag].get("root", "imagenette/train")
+
+
 def distill_pass(tag: str, *, progress: bool = True) -> Path:
     """Distils (or resumes) the pass `tag` into WORK/<tag>.ckpt; returns the path."""
     model, pre = load_model()
     spec, per_class = _distill_kwargs(model, tag)
-    ds = data.ImageNetTrain(DATA / "imagenette" / "train", pre, per_class=per_class)
+    ds = data.ImageNetTrain(train_root(tag), pre, per_class=per_class)
     WORK.mkdir(parents=True, exist_ok=True)
     ck = WORK / f"{tag}.ckpt"
     t0 = time.perf_counter()
@@ -150,15 +160,22 @@ def distill_pass(tag: str, *, progress: bool = True) -> Path:
 
 def solve(model, tag: str, *, lam_ratio: float = 0.1, fit_intercept: bool = False, positive: bool = False,
           layers: list[str] | None = None) -> chip_ext.Importance:
-    """Re-solves the finished pass `tag` with these solver options (no new pass)."""
-    spec, per_class = _distill_kwargs(model, tag)
-    ds = data.ImageNetTrain(DATA / "imagenette" / "train", lambda im: im, per_class=per_class)
+    """Re-solves the finished pass `tag` with these solver options (no new pass); the solution is kept in
+    WORK (re-used while the checkpoint is unchanged: 1000 classes at five layers take minutes)."""
+    key = f"{tag}_lam{lam_ratio}_fi{int(fit_intercept)}_pos{int(positive)}_{'-'.join(layers or [])}"
+    cached = WORK / f"{key}.solution.pt"
     ck = WORK / f"{tag}.ckpt"
+    if cached.is_file() and ck.is_file() and cached.stat().st_mtime > ck.stat().st_mtime:
+        return chip_ext.Importance.load(cached)
+    spec, per_class = _distill_kwargs(model, tag)
+    ds = data.ImageNetTrain(train_root(tag), lambda im: im, per_class=per_class)
     if not ck.is_file():
         raise FileNotFoundError(f"{ck}: distil the pass first (python benchmarks/quality_common.py {tag})")
-    return chip_ext.distill(model, [], classes=ds.classes, checkpoint=ck, lam_ratio=lam_ratio,
-                            fit_intercept=fit_intercept, positive=positive,
-                            class_names=models.class_names_for(MODEL), progress=False, **spec)
+    imp = chip_ext.distill(model, [], classes=ds.classes, checkpoint=ck, lam_ratio=lam_ratio,
+                           fit_intercept=fit_intercept, positive=positive,
+                           class_names=models.class_names_for(MODEL), progress=False, **spec)
+    imp.save(cached)
+    return imp
 
 
 if __name__ == "__main__":

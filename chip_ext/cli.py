@@ -67,8 +67,8 @@ def parse_classes(text: str):
     return classes
 
 
-EXPLAIN_METHODS = ("chip", "refined", "guided_chip", "image_chip", "region_chip", "gradcam", "cam", "guided_backprop", "guided_gradcam")
-METHOD_TITLES = {"chip": "CHIP", "refined": "Refined CHIP", "guided_chip": "Guided CHIP",
+EXPLAIN_METHODS = ("chip", "refined", "fused", "guided_chip", "image_chip", "region_chip", "gradcam", "cam", "guided_backprop", "guided_gradcam")
+METHOD_TITLES = {"chip": "CHIP", "refined": "Refined CHIP", "fused": "Fused CHIP", "guided_chip": "Guided CHIP",
                  "image_chip": "Per-image CHIP", "region_chip": "Region CHIP", "gradcam": "Grad-CAM",
                  "cam": "CAM", "guided_backprop": "Guided BP", "guided_gradcam": "Guided Grad-CAM"}
 
@@ -130,8 +130,9 @@ def _explain(args: argparse.Namespace) -> int:
     t = torch.tensor(targets)
     columns = {}
     for m in methods:
-        if m in ("chip", "refined", "guided_chip", "image_chip", "region_chip"):
-            columns[m] = explain(model, x, imp, method=m, target=t, layer=layer if m != "refined" else None)
+        if m in ("chip", "refined", "fused", "guided_chip", "image_chip", "region_chip"):
+            columns[m] = explain(model, x, imp, method=m, target=t,
+                                 layer=layer if m not in ("refined", "fused") else None)
         elif m == "guided_backprop":
             columns[m] = baselines.guided_backprop(model, x, t)
         else:
@@ -171,6 +172,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in evaluation.METHODS]
     if bad or not methods:
         raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(evaluation.METHODS)}")
+    if args.reference is not None and args.reference not in methods:
+        raise SystemExit(f"--reference {args.reference!r} must be one of --methods ({', '.join(methods)})")
+    reference = args.reference or ("gradcam" if "gradcam" in methods else None)
     faith = [m.strip() for m in args.faithfulness.split(",") if m.strip()]
     if any(m not in faithfulness.METRICS for m in faith):
         raise SystemExit(f"--faithfulness: unknown {[m for m in faith if m not in faithfulness.METRICS]}; "
@@ -197,7 +201,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                       options={"rise": {"num_masks": args.rise_masks}} if "rise" in methods else None)
     result = evaluation.evaluate(model, dataset, fns, pre.normalize, batch_size=args.batch_size,
                                  progress=not args.quiet, faithfulness_metrics=faith,
-                                 deletion_step=args.deletion_step)
+                                 deletion_step=args.deletion_step, reference=reference)
     result.update({"model": args.model, "data": str(args.data), "layer": layer, "cam_layer": args.cam_layer or layer,
                    "importance": None if imp is None else str(args.importance)})
     print(evaluation.format_table(result))
@@ -419,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_int_at_least(1), default=25, help="images per batch (25)")
     ev.add_argument("--limit", type=_int_at_least(2), default=None,
                     help="only the first N images (N >= 2: the threshold is chosen on half of them)")
+    ev.add_argument("--reference", default=None,
+                    help="the method every other is compared with on the same images (paired difference with "
+                         "its 95%% bootstrap interval and the exact sign test; default: gradcam when listed)")
     ev.add_argument("--out", default=None, help="JSON file for every number and threshold")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)

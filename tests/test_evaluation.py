@@ -28,6 +28,15 @@ def test_distill_then_evaluate_cli(tmp_path):
         m = result["methods"][name]
         assert 0 <= m["at_calibrated_threshold"]["gt_known_loc"] <= 1
         assert 0 <= m["max_box_acc_all_images"] <= 1 and m["calibrated_threshold"] in result["thresholds"]
+        ci = m["intervals"]["gt_known_loc"]
+        assert ci["lo"] <= m["at_calibrated_threshold"]["gt_known_loc"] == ci["mean"] <= ci["hi"]
+        assert m["intervals"]["max_box_acc_evaluation"]["mean"] == m["max_box_acc_evaluation"]
+    # every method against Grad-CAM (the default reference) on the same images, in the JSON and the table
+    assert result["reference"] == "gradcam" and "paired" not in result["methods"]["gradcam"]
+    d = result["methods"]["chip"]["paired"]["gt_known_loc"]
+    hits = {n: result["methods"][n]["evaluation_hits_at_calibrated_threshold"] for n in ("chip", "gradcam")}
+    assert d["mean"] == sum(hits["chip"]) / 4 - sum(hits["gradcam"]) / 4 and 0 < d["sign_test"]["p"] <= 1
+    assert "vs gradcam" in r.stdout and "(reference)" in r.stdout
     # the peers and faithfulness from the command line
     r = subprocess.run([sys.executable, "-m", "chip_ext", "evaluate", "--model", "efficientnet_lite0",
                         "--data", str(root), "--methods", "eigencam,rise,image_chip,center", "--layer", "blocks.6",
@@ -39,10 +48,12 @@ def test_distill_then_evaluate_cli(tmp_path):
     for name in ("eigencam", "rise", "image_chip", "center"):
         f = result["methods"][name]["faithfulness"]
         assert f["deletion"]["n"] == 2 and 0 <= f["deletion"]["mean"] <= 1 and 0 <= f["insertion"]["mean"] <= 1
-    assert "deletion=" in r.stdout
+    assert "deletion: " in r.stdout and result["reference"] is None  # no gradcam listed: nothing paired
+    assert all("paired" not in m and "deletion" in m["intervals"] for m in result["methods"].values())
     for bad, message in ((["--methods", "gradcam,scorecamm"], "--methods: unknown ['scorecamm']"),
                          (["--methods", "gradcam", "--faithfulness", "auc"], "--faithfulness: unknown ['auc']"),
-                         (["--methods", "layercam"], "--layer is needed for layercam")):
+                         (["--methods", "layercam"], "--layer is needed for layercam"),
+                         (["--methods", "cam", "--reference", "gradcam"], "--reference 'gradcam' must be one of")):
         r = subprocess.run([sys.executable, "-m", "chip_ext", "evaluate", "--model", "efficientnet_lite0",
                             "--data", str(root), *bad], capture_output=True, text=True, timeout=600)
         assert r.returncode != 0 and message in r.stderr, r.stderr

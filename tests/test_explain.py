@@ -70,6 +70,41 @@ def test_refined_is_product_of_first_and_last(model, importance):
     assert torch.allclose(refined.flatten(1).max(1).values, torch.ones(2)) and float(refined.min()) == 0
 
 
+def _minmax(m):
+    lo, hi = m.amin(dim=(1, 2), keepdim=True), m.amax(dim=(1, 2), keepdim=True)
+    return (m - lo) / (hi - lo)
+
+
+def test_fused_is_the_geometric_or_arithmetic_mean_of_the_layers_maps(model, importance):
+    x = images()
+    first = chip_ext.explain(model, x, importance, layer="layer1", target="seven")
+    last = chip_ext.explain(model, x, importance, layer="layer4", target="seven")
+    geo = chip_ext.explain(model, x, importance, method="fused", target="seven", layers=["layer4", "layer1"])
+    torch.testing.assert_close(geo, _minmax((first * last).sqrt()), rtol=0, atol=1e-5)
+    mean = chip_ext.explain(model, x, importance, method="fused", target="seven", layers=["layer1", "layer4"],
+                            rule="mean")
+    torch.testing.assert_close(mean, _minmax(first + last), rtol=0, atol=1e-5)
+    one = chip_ext.explain(model, x, importance, method="fused", target="seven", layers=["layer4"])
+    torch.testing.assert_close(one, last, rtol=0, atol=1e-6)  # one layer: its CHIP map
+    # the geometric mean's level sets are the product's: the same regions as Refined CHIP, other grey levels
+    refined = chip_ext.explain(model, x, importance, method="refined", target="seven")
+    torch.testing.assert_close(_minmax(geo ** 2), refined, rtol=0, atol=1e-4)
+
+
+def test_fused_bad_options(model, importance):
+    x = images()
+    with pytest.raises(ValueError, match="combines several layers: pass layers="):
+        chip_ext.explain(model, x, importance, method="fused", layer="layer4")
+    with pytest.raises(ValueError, match=r"layers \['layer2'\] are not in the importance"):
+        chip_ext.explain(model, x, importance, method="fused", layers=["layer2", "layer4"])
+    with pytest.raises(TypeError, match="layers must be a non-empty list of layer names; got 'layer4'"):
+        chip_ext.explain(model, x, importance, method="fused", layers="layer4")
+    with pytest.raises(ValueError, match=r"rule must be one of \('geometric', 'mean'\); got 'max'"):
+        chip_ext.explain(model, x, importance, method="fused", rule="max")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['cell'\] for method='fused'"):
+        chip_ext.explain(model, x, importance, method="fused", cell=2)
+
+
 def test_guided_chip(model, importance):
     x, t = images(), [3, 7]
     gc = chip_ext.explain(model, x, importance, method="guided_chip", target=t)
@@ -227,8 +262,8 @@ def test_image_chip_shrink_uses_the_class_weights_as_prior(model):
 
 
 def test_image_chip_options_are_checked(model, importance):
-    with pytest.raises(TypeError, match=r"options \['num_perturbations'\] are for method='image_chip' or "
-                                        r"'region_chip' only"):
+    with pytest.raises(TypeError, match=r"options \['num_perturbations'\] are for method='image_chip', "
+                                        r"'region_chip' or 'fused' only"):
         chip_ext.explain(model, images(), importance, target=3, num_perturbations=8)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['lam'\] for method='image_chip'"):
         chip_ext.explain(model, images(), importance, method="image_chip", target=3, lam=0.1)

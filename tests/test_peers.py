@@ -86,3 +86,34 @@ def test_shared_cache_sees_a_new_batch_and_an_in_place_change(resnet):
         assert (fast(x, t) - cam_method(resnet, "hirescam", "layer3")(x, t)).abs().max() < 1e-5
     x.mul_(-1)
     assert (fast(x, t) - cam_method(resnet, "hirescam", "layer3")(x, t)).abs().max() < 1e-5
+
+
+def test_multi_layer_peers_are_the_library_fusions_and_leave_the_model_alone(resnet):
+    """RefineCAM: the product of its base method's maps at each layer (recomputed here from single
+    layers); LayerCAM over several target layers: the library's own multi-layer map."""
+    from chip_ext.peers import MULTI_LAYER, multi_layer_method
+
+    x, t = images(), torch.tensor([3, 7])
+    layers = ["layer3", "layer4"]
+    single = {n: [cam_method(resnet, n, l)(x, t) for l in layers] for n in ("gradcam++",)}
+    refine = multi_layer_method(resnet, "refinecam", layers)(x, t)
+    torch.testing.assert_close(refine, normalize_maps(single["gradcam++"][0] * single["gradcam++"][1]),
+                               rtol=0, atol=2e-3)
+    # LayerCAM with several target layers, as the library computes it (its own fusion)
+    from pytorch_grad_cam import LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from chip_ext.maps import inference_view
+
+    view = inference_view(resnet, private=True)
+    with LayerCAM(model=view, target_layers=[view.get_submodule(l) for l in layers]) as cam:
+        library = cam(x, [ClassifierOutputTarget(int(c)) for c in t])
+    fused = multi_layer_method(resnet, "layercam_multi", layers)(x, t)
+    expected = normalize_maps(torch.from_numpy(library).float())
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-5)
+    assert set(MULTI_LAYER) == {"refinecam", "refinecam_gradcam", "layercam_multi", "gradcam_multi"}
+    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in resnet.modules())
+    with pytest.raises(TypeError, match="layers must be a non-empty list of module names; got 'layer4'"):
+        multi_layer_method(resnet, "refinecam", "layer4")
+    with pytest.raises(ValueError, match="layer 'layer9' is not a module of the model"):
+        multi_layer_method(resnet, "layercam_multi", ["layer9"])

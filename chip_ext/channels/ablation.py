@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..evaluation.stats import bootstrap_interval
 from ..explanation.maps import cached_split, inference_view, layer_activations
 from .rankings import top_k
 
@@ -58,24 +59,6 @@ class AblationResult:
             }
         return {"ks": self.ks, "images": int(self.own.shape[0]), "accuracy_before": float(self.base_hit.mean()),
                 "per_k": rows, **self.meta}
-
-
-def bootstrap_interval(values: np.ndarray, minus: np.ndarray | None = None, *, boot: int = 2000,
-                       seed: int = 0) -> dict:
-    """{"mean", "lo", "hi"}: the mean of `values` (minus the mean of `minus`, over the same resampled
-    images: a paired difference) and its 95% percentile bootstrap interval over images (NaNs ignored)."""
-    values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    n = len(values)
-
-    def stat(idx):
-        v = np.nanmean(values[idx])
-        return v - np.nanmean(minus[idx]) if minus is not None else v
-
-    point = stat(np.arange(n))
-    draws = np.array([stat(rng.integers(0, n, n)) for _ in range(boot)])
-    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
-    return {"mean": float(point), "lo": float(lo), "hi": float(hi)}
 
 
 def _check(images: Tensor, labels: Tensor, scores: Tensor, classes: Sequence[int], ks, mode: str) -> list[int]:

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..explanation import baselines
-from . import faithfulness
+from . import faithfulness, stats
 from ..explanation import peers
 from .data import LocalizationDataset, collate_localization
-from ..explanation.explain import explain
+from ..explanation.explain import explain, fusion_layers
 from ..explanation.image_chip import image_chip, region_chip
 from ..importance import Importance
 from .localization import DEFAULT_THRESHOLDS, box_correct_both, ilsvrc_metrics
@@ -28,21 +28,26 @@ from ..explanation.maps import inference_view, shared_activations
 MapFn = Callable[[Tensor, Tensor], Tensor]  # (normalised images [B,3,H,W], classes [B]) -> maps [B,H,W]
 
 
-METHODS = ("chip", "refined", "image_chip", "region_chip", "gradcam", "cam", "rise", "center", *peers.CAM_CLASSES)
-LAYER_FREE = ("chip", "refined", "rise", "center")  # methods that need no layer= (chip: the importance's last)
+METHODS = ("chip", "refined", "fused", "image_chip", "region_chip", "gradcam", "cam", "rise", "center",
+           *peers.CAM_CLASSES, *peers.MULTI_LAYER)
+LAYER_FREE = ("chip", "refined", "fused", "rise", "center", *peers.MULTI_LAYER)  # methods that need no layer= (chip: the importance's last)
 
 
 def standard_methods(model: nn.Module, names, *, importance: Importance | None = None,
                      layer: str | None = None, cam_layer: str | None = None,
                      options: dict | None = None) -> dict[str, MapFn]:
     """Map functions for method names (see METHODS):
-    chip, refined: CHIP and Refined CHIP (need `importance`; chip at `layer`);
+    chip, refined, fused: CHIP, Refined CHIP and fused CHIP (need `importance`; chip at `layer`;
+    fused over its default layers, or options {"fused": {"layers": [...]}});
     image_chip: per-image CHIP at `layer` (`chip_ext.image_chip`);
     region_chip: region CHIP at `layer` (`chip_ext.image_chip.region_chip`: gates over the map's cells);
     gradcam, cam: ours (cam at `cam_layer`, the layer right before global pooling);
     rise: RISE (input masks, layer-free); center: the centre baseline (no model, `baselines.center`);
     pytorch-grad-cam's own classes at `layer`: gradcam_pytorch_grad_cam, gradcam++, scorecam,
-    ablationcam, layercam, xgradcam, eigencam (class-agnostic), hirescam.
+    ablationcam, layercam, xgradcam, eigencam (class-agnostic), hirescam;
+    its multi-layer maps (`peers.MULTI_LAYER`): refinecam (RefineCAM over GradCAM++), refinecam_gradcam,
+    layercam_multi, gradcam_multi, over options {name: {"layers": [...]}} (default: the layers fused
+    CHIP combines, so the peers fuse what CHIP fuses).
     options: {method: {keyword: value}} passed on (e.g. {"rise": {"num_masks": 1000}},
     {"image_chip": {"num_perturbations": 256}}, {"scorecam": {"batch_size": 32}}).
     The gradient peers (peers.FROM_GRADIENTS) share one forward and suffix backward per batch
@@ -59,11 +64,20 @@ def standard_methods(model: nn.Module, names, *, importance: Importance | None =
             kw.setdefault("shared", gradients)
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-        if name in ("chip", "refined"):
+        if name in ("chip", "refined", "fused"):
             if importance is None:
                 raise ValueError(f"method {name!r} needs an importance")
-            fns[name] = (lambda m: lambda x, t: explain(model, x, importance, method=m, target=t,
-                                                        layer=layer if m == "chip" else None))(name)
+            fns[name] = (lambda m, kw: lambda x, t: explain(model, x, importance, method=m, target=t,
+                                                            layer=layer if m == "chip" else None, **kw))(name, kw)
+            continue
+        if name in peers.MULTI_LAYER:
+            layers = kw.pop("layers", None)
+            if layers is None:
+                if importance is None:
+                    raise ValueError(f"method {name!r} needs options {{{name!r}: {{'layers': [...]}}}} "
+                                     "or an importance (the layers fused CHIP combines)")
+                layers = fusion_layers(model, importance, options.get("fused", {}).get("layers"))
+            fns[name] = peers.multi_layer_method(model, name, layers, **kw)
             continue
         if name == "rise":
             fns[name] = lambda x, t, kw=kw: baselines.rise(model, x, t, **kw)
@@ -90,7 +104,8 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
              normalize: Callable[[Tensor], Tensor], *, batch_size: int = 25,
              thresholds=DEFAULT_THRESHOLDS, progress: bool = True, faithfulness_metrics=(),
              faithfulness_images: str = "evaluation", deletion_step: int = 224,
-             road_percentiles=(20, 40, 60, 80), keep_hits: bool = False) -> dict:
+             road_percentiles=(20, 40, 60, 80), keep_hits: bool = False,
+             reference: str | None = "gradcam", boot: int = stats.BOOT) -> dict:
     """-> {"n": N, "classification": {...}, "methods": {name: metrics}} (see module docstring);
     each method's "evaluation_hits_at_calibrated_threshold" lists 0/1 per evaluation image; with
     keep_hits, "hits" is every image's 0/1 at every threshold (list [N][T], IoU >= .5, largest region).
@@ -98,7 +113,13 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
     faithfulness_metrics: any of "deletion", "insertion" (the RISE protocol, `deletion_step` pixels a
     step) and "road" (pytorch-grad-cam's ROADCombined at `road_percentiles`), each the mean over
     `faithfulness_images` ("evaluation": the odd-indexed half, "all") of the true class's softmax
-    probability curve; stored per method under "faithfulness" with the per-image values."""
+    probability curve; stored per method under "faithfulness" with the per-image values.
+
+    Uncertainty (`stats`): each method's "intervals" hold 95% bootstrap intervals over images
+    ({"mean", "lo", "hi"}, `boot` resamples) of GT-known and top-1 localisation at the calibrated
+    threshold, MaxBoxAcc (re-maximised in every resample) and the faithfulness means; "paired" holds
+    its difference to the `reference` method (default Grad-CAM, when it is among `methods`) on the
+    same images, with the exact sign test on the images where one is right and the other wrong."""
     from tqdm.auto import tqdm
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_localization)
@@ -108,6 +129,8 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
     bad = [m for m in faithfulness_metrics if m not in faithfulness.METRICS]
     if bad:
         raise ValueError(f"faithfulness_metrics: unknown {bad}; choose from {faithfulness.METRICS}")
+    if reference is not None and reference not in methods:
+        reference = None  # nothing to pair with: no paired differences
     if faithfulness_images not in ("evaluation", "all"):
         raise ValueError(f"faithfulness_images must be 'evaluation' or 'all'; got {faithfulness_images!r}")
     faith = {name: {m: [] for m in faithfulness_metrics} for name in methods}
@@ -181,6 +204,7 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
         if faithfulness_metrics:
             result["methods"][name]["faithfulness"] = {
                 m: {"mean": float(np.mean(v)), "n": len(v), "per_image": v} for m, v in faith[name].items()}
+    _add_intervals(result, correct, top5, labels, calib, evals, reference, boot)
     if faithfulness_metrics:
         result["faithfulness_protocol"] = {
             "images": faithfulness_images, "deletion_step_pixels": deletion_step,
@@ -189,19 +213,74 @@ def evaluate(model: nn.Module, dataset: LocalizationDataset, methods: dict[str, 
     return result
 
 
-def format_table(result: dict) -> str:
-    """The shape of the paper's Table II: localisation and classification errors per method."""
-    lines = [f"{'method':<26} {'top-1 loc err':>13} {'top-5 loc err':>13} {'GT-known':>9} "
-             f"{'MaxBoxAcc':>9} {'MaxBoxAccV2':>11} {'thr (calib)':>11}"]
+def _add_intervals(result: dict, correct: dict, top5: Tensor, labels: Tensor, calib: np.ndarray,
+                   evals: np.ndarray, reference: str | None, boot: int) -> None:
+    """Bootstrap intervals per method and paired differences to `reference` (see `evaluate`)."""
+    top1_right = (top5[:, 0] == labels).numpy()
+    per = {}
     for name, r in result["methods"].items():
-        a = r["at_calibrated_threshold"]
-        lines.append(f"{name:<26} {a['top1_loc_error']:>13.3f} {a['top5_loc_error']:>13.3f} "
-                     f"{a['gt_known_loc']:>9.3f} {r['max_box_acc_all_images']:>9.3f} "
-                     f"{r['max_box_acc_v2_all_images']['mean']:>11.3f} {r['calibrated_threshold']:>11.2f}"
-                     + "".join(f" {k}={v['mean']:.3f}" for k, v in r.get("faithfulness", {}).items()))
+        c = np.concatenate(correct[name]).astype(float)  # [N, T]
+        hits = np.asarray(r["evaluation_hits_at_calibrated_threshold"], dtype=float)
+        top1 = hits * top1_right[evals]
+        faith = {m: np.asarray(v["per_image"], dtype=float) for m, v in r.get("faithfulness", {}).items()}
+        per[name] = (c, hits, top1, faith)
+        r["intervals"] = {
+            "gt_known_loc": stats.bootstrap_interval(hits, boot=boot),
+            "top1_loc": stats.bootstrap_interval(top1, boot=boot),
+            "max_box_acc_evaluation": stats.max_over_thresholds_interval(c[evals], boot=boot),
+            "max_box_acc_all_images": stats.max_over_thresholds_interval(c, boot=boot),
+            **{m: stats.bootstrap_interval(v, boot=boot) for m, v in faith.items()},
+        }
+    result["reference"] = reference
+    if reference is None:
+        return
+    c_ref, hits_ref, top1_ref, faith_ref = per[reference]
+    for name, r in result["methods"].items():
+        if name == reference:
+            continue
+        c, hits, top1, faith = per[name]
+        best, best_ref = c[evals].mean(0).argmax(), c_ref[evals].mean(0).argmax()
+        mba = stats.max_over_thresholds_interval(c[evals], c_ref[evals], boot=boot)
+        mba["sign_test"] = stats.sign_test(c[evals, best], c_ref[evals, best_ref])
+        r["paired"] = {
+            "reference": reference,
+            "gt_known_loc": stats.paired(hits, hits_ref, boot=boot),
+            "top1_loc": stats.paired(top1, top1_ref, boot=boot),
+            "max_box_acc_evaluation": mba,
+            **{m: stats.paired(v, faith_ref[m], boot=boot) for m, v in faith.items() if m in faith_ref},
+        }
+
+
+def _cell(r: dict | None, point: float, width: int = 21) -> str:
+    """"0.560 [0.505, 0.614]" from an interval, the bare figure where there is none."""
+    return f"{stats.format_interval(r) if r else f'{point:.3f}':>{width}}"
+
+
+def format_table(result: dict) -> str:
+    """The shape of the paper's Table II with 95% bootstrap intervals over images: localisation errors,
+    GT-known at the calibrated threshold, MaxBoxAcc on the evaluation images, and each method's paired
+    difference in MaxBoxAcc to the reference method with the sign test's p-value."""
+    ref = result.get("reference")
+    lines = [f"{'method':<26} {'top-1 loc err':>13} {'GT-known [95% CI]':>21} {'MaxBoxAcc [95% CI]':>21} "
+             f"{('vs ' + ref if ref else 'vs -'):>21} {'sign p':>7} {'MaxBoxAccV2':>11} {'thr':>5}"]
+    for name, r in result["methods"].items():
+        a, ci, pr = r["at_calibrated_threshold"], r.get("intervals", {}), r.get("paired", {})
+        d = pr.get("max_box_acc_evaluation")
+        diff = (f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else
+                ("(reference)" if name == ref else "-"))
+        p = f"{d['sign_test']['p']:.3g}" if d else "-"
+        lines.append(f"{name:<26} {a['top1_loc_error']:>13.3f} {_cell(ci.get('gt_known_loc'), a['gt_known_loc'])} "
+                     f"{_cell(ci.get('max_box_acc_evaluation'), r['max_box_acc_evaluation'])} {diff:>21} {p:>7} "
+                     f"{r['max_box_acc_v2_all_images']['mean']:>11.3f} {r['calibrated_threshold']:>5.2f}")
+        for m, v in r.get("faithfulness", {}).items():
+            dm = pr.get(m)
+            lines.append(f"{'':<28}{m}: {_cell(ci.get(m), v['mean'], 0)}"
+                         + (f"   vs {ref}: {dm['mean']:+.3f} [{dm['lo']:+.3f}, {dm['hi']:+.3f}], sign p "
+                            f"{dm['sign_test']['p']:.3g}" if dm else ""))
     c = result["classification"]
     lines.append(f"classification error: top-1 {c['top1_error']:.3f}, top-5 {c['top5_error']:.3f}  "
                  f"(N={result['n']}; loc errors and GT-known on the {result['n_evaluation']} evaluation images "
-                 f"at the threshold chosen on the {result['n_calibration']} calibration images; "
-                 "MaxBoxAcc/V2 over all images at their best threshold)")
+                 f"at the threshold chosen on the {result['n_calibration']} calibration images; MaxBoxAcc on the "
+                 "evaluation images at their best threshold; MaxBoxAccV2 over all images; [95% bootstrap "
+                 "intervals over images]; differences paired on the same images, p: exact sign test)")
     return "\n".join(lines)

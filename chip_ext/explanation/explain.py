@@ -16,7 +16,8 @@ from ..importance import Importance
 from .maps import (_class_indices, cached_split, check_images, inference_view, layer_activations, normalize_maps,
                    resolve_target, shared_activations)
 
-METHODS = ("chip", "refined", "guided_chip", "image_chip", "region_chip")
+METHODS = ("chip", "refined", "fused", "guided_chip", "image_chip", "region_chip")
+FUSION_RULES = ("geometric", "mean")
 
 
 def _keyword_options(fn) -> tuple[str, ...]:
@@ -27,7 +28,7 @@ def _keyword_options(fn) -> tuple[str, ...]:
 # region_chip_weights'
 IMAGE_CHIP_OPTIONS = tuple(n for n in _keyword_options(image_chip_weights) if n != "prior") + ("shrink",)
 REGION_CHIP_OPTIONS = _keyword_options(region_chip_weights)
-OPTIONS = {"image_chip": IMAGE_CHIP_OPTIONS, "region_chip": REGION_CHIP_OPTIONS}
+OPTIONS = {"image_chip": IMAGE_CHIP_OPTIONS, "region_chip": REGION_CHIP_OPTIONS, "fused": ("layers", "rule")}
 TargetArg = int | str | Sequence[int] | Sequence[str] | Tensor | None
 
 
@@ -109,6 +110,41 @@ def chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: s
     return normalize_maps(maps, images.shape[-2:]), t
 
 
+def fusion_layers(model: nn.Module, importance: Importance, layers: Sequence[str] | None = None) -> list[str]:
+    """The layers the fused map combines, in forward order: `layers` when given (each in the
+    importance), else the default (see `fused_maps`)."""
+    if layers is None:
+        return forward_order(model, importance.layers)
+    if isinstance(layers, str) or not all(isinstance(l, str) for l in layers) or not layers:
+        raise TypeError(f"layers must be a non-empty list of layer names; got {layers!r}")
+    missing = [l for l in layers if l not in importance.weights]
+    if missing:
+        raise ValueError(f"layers {missing} are not in the importance (layers: {importance.layers})")
+    return forward_order(model, list(dict.fromkeys(layers)))
+
+
+def fused_maps(model: nn.Module, images: Tensor, importance: Importance, target: TargetArg = None, *,
+               layers: Sequence[str] | None = None, rule: str = "geometric") -> Tensor:
+    """Fused CHIP: the CHIP maps of several layers (each min-max normalised at the input size) combined
+    pixel by pixel -> Tensor[B, H, W] in [0, 1], min-max normalised again.
+
+    rule "geometric": (prod_l m_l)^(1/L), so a pixel is bright only where every layer agrees (an
+    intermediate layer's tighter maps trim the last layer's blobs; the last layer vetoes the
+    intermediate one's stray responses); "mean": the average of the maps (LayerCAM-style fusion).
+    layers: default the importance's layers."""
+    if rule not in FUSION_RULES:
+        raise ValueError(f"rule must be one of {FUSION_RULES}; got {rule!r}")
+    layers = fusion_layers(model, importance, layers)
+    with shared_activations():
+        last, t = chip_maps(model, images, importance, layers[-1], target)
+        maps = [chip_maps(model, images, importance, l, t)[0] for l in layers[:-1]] + [last]
+    stack = torch.stack(maps)  # [L, B, H, W]
+    if rule == "mean":
+        return normalize_maps(stack.mean(0))
+    fused = torch.exp(torch.log(stack.clamp_min(1e-6)).mean(0)) * (stack.amin(0) > 0)
+    return normalize_maps(fused)
+
+
 def image_chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: str,
                     target: TargetArg = None, *, shrink: bool = False, **options) -> Tensor:
     """Per-image CHIP maps (`chip_ext.image_chip`) at `layer` -> Tensor[B, H, W] in [0, 1].
@@ -154,6 +190,8 @@ def explain(model: nn.Module, images: Tensor, importance: Importance, *, method:
     method: "chip" (one layer: `layer`, default the importance's last layer in forward order),
         "refined" (the product of the CHIP maps of the importance's first and last layers, min-max
         normalised again),
+        "fused" (the geometric mean of the CHIP maps of several layers: `fused_maps`; options layers=,
+        rule=),
         "guided_chip" (guided backprop x the CHIP map; returns Tensor[B, 3, H, W]),
         "image_chip" (per-image CHIP at `layer`: the CHIP Lasso fitted on each image's own N perturbations,
         beyond the paper; only the model's suffix runs, N times an image; see `image_chip_maps`),
@@ -173,7 +211,7 @@ def explain(model: nn.Module, images: Tensor, importance: Importance, *, method:
     if not isinstance(importance, Importance):
         raise TypeError(f"importance must be a chip_ext.Importance; got {type(importance).__name__}")
     if options and method not in OPTIONS:
-        raise TypeError(f"options {sorted(options)} are for method='image_chip' or 'region_chip' only; "
+        raise TypeError(f"options {sorted(options)} are for method='image_chip', 'region_chip' or 'fused' only; "
                         f"method={method!r} takes none")
     unknown = sorted(set(options) - set(OPTIONS.get(method, ())))
     if unknown:
@@ -186,6 +224,10 @@ def explain(model: nn.Module, images: Tensor, importance: Importance, *, method:
         check_images(images)
         t = None if target is None else _given_targets(target, importance, images.shape[0], images.device)
         return region_chip(model, images, layer or layers[-1], t, **options)
+    if method == "fused":
+        if layer is not None:
+            raise ValueError("method='fused' combines several layers: pass layers=[...], not layer=")
+        return fused_maps(model, images, importance, target, **options)
     if method == "refined":
         if layer is not None:
             raise ValueError("method='refined' uses the importance's first and last layers; do not pass layer=")

@@ -34,6 +34,10 @@ CAM_CLASSES = {
 # peers whose map is a formula of the layer's activations and their gradients only: with
 # shared=True they are drawn by the library's own get_cam_image from one forward of the model and
 # one backward through the suffix after the layer, shared by every such peer on the same batch
+# multi-layer peers: name -> (pytorch_grad_cam class, base method of RefineCAM or None); LayerCAM over
+# several target layers is the library's own fusion (the mean of each layer's [0, 1] map)
+MULTI_LAYER = {"refinecam": ("RefineCAM", "GradCAMPlusPlus"), "refinecam_gradcam": ("RefineCAM", "GradCAM"),
+               "layercam_multi": ("LayerCAM", None), "gradcam_multi": ("GradCAM", None)}
 FROM_GRADIENTS = {"gradcam_pytorch_grad_cam", "gradcam++", "layercam", "xgradcam", "eigencam", "hirescam"}
 
 
@@ -116,5 +120,42 @@ def cam_method(model: nn.Module, name: str, layer: str, *, batch_size: int = 64,
                 out = cam(input_tensor=images, targets=[ClassifierOutputTarget(int(c)) for c in targets])
         maps = torch.from_numpy(out).float().to(images.device)
         return normalize_maps(maps, images.shape[-2:])
+
+    return fn
+
+
+def multi_layer_method(model: nn.Module, name: str, layers) -> MapFn:
+    """A map function for pytorch-grad-cam's multi-layer maps (a key of MULTI_LAYER) over `layers`
+    (module names, any order): "refinecam" (`RefineCAM`: the product of its base method's maps at each
+    layer, GradCAM++ by default; "refinecam_gradcam" with Grad-CAM), "layercam_multi" and
+    "gradcam_multi" (the class with several target layers: the library's mean of each layer's map)."""
+    if name not in MULTI_LAYER:
+        raise ValueError(f"unknown multi-layer method {name!r}; choose from {sorted(MULTI_LAYER)}")
+    if isinstance(layers, str) or not layers or not all(isinstance(l, str) for l in layers):
+        raise TypeError(f"layers must be a non-empty list of module names; got {layers!r}")
+    for l in layers:
+        try:
+            model.get_submodule(l)
+        except AttributeError:
+            raise ValueError(f"layer {l!r} is not a module of the model") from None
+    cls_name, base = MULTI_LAYER[name]
+
+    def fn(images: Tensor, targets: Tensor) -> Tensor:
+        import pytorch_grad_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        check_images(images)
+        view = inference_view(model, private=True)
+        modules = [view.get_submodule(l) for l in layers]
+        cls = getattr(pytorch_grad_cam, cls_name)
+        kw = {"base_method": getattr(pytorch_grad_cam, base)} if base else {}
+        cam = cls(model=view, target_layers=modules, **kw)
+        try:
+            with torch.enable_grad():
+                out = cam(images, [ClassifierOutputTarget(int(c)) for c in targets])
+        finally:  # RefineCAM has no context manager: release every base CAM's hooks
+            for c in getattr(cam, "base_cam_per_layer", [cam]):
+                c.activations_and_grads.release()
+        return normalize_maps(torch.from_numpy(out).float().to(images.device), images.shape[-2:])
 
     return fn

@@ -1,0 +1,158 @@
+"""Localisation and faithfulness at ILSVRC breadth, with intervals: CHIP (single layers and fused) against
+the CAM family (single layers and pytorch-grad-cam's multi-layer fusions), on the evaluation half.
+
+Datasets: `ilsvrc` (the 650 shared ILSVRC val images over 456 classes; W for all 1000 classes from one
+train image a class, the "ilsvrc" pass) and `imagenette` (250 val images; W from 100 train images a class,
+the "channels" pass). W with distill's defaults. Every method runs through `chip_ext.evaluation.evaluate`:
+thresholds chosen on the calibration half (even indices), everything reported on the evaluation half (odd)
+with 95% bootstrap intervals over images; paired differences on the same images with the exact sign test.
+The headline: the best CHIP map against the best peer map at any layer (the peer chosen by its own
+evaluation-half score, which favours the peers).
+
+    python benchmarks/breadth_sweep.py --dataset ilsvrc       # results/breadth_ilsvrc.json, .png
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fused_chip  # noqa: E402
+import quality_common as qc  # noqa: E402
+
+from chip_ext import evaluation  # noqa: E402
+from chip_ext.evaluation import stats  # noqa: E402
+
+LAYERS = ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"]
+PEERS = ["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "eigencam"]
+CLASS_DISCRIMINATIVE = ["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam"]
+MULTI = ["fused", "refined", "refinecam", "refinecam_gradcam", "layercam_multi", "gradcam_multi", "center"]
+FAITHFUL = ["chip", "fused", "gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "refinecam",
+            "layercam_multi"]
+
+
+def row(r: dict) -> dict:
+    """The figures of one method from `evaluate`'s result, intervals included."""
+    out = {"max_box_acc_evaluation": r["intervals"]["max_box_acc_evaluation"],
+           "gt_known_at_calibrated_threshold": r["intervals"]["gt_known_loc"],
+           "top1_loc": r["intervals"]["top1_loc"],
+           "max_box_acc_v2_evaluation": r["max_box_acc_v2_evaluation"],
+           "calibrated_threshold": r["calibrated_threshold"]}
+    for m in ("deletion", "insertion"):
+        if m in r["intervals"]:
+            out[m] = r["intervals"][m]
+    if "paired" in r:
+        out["minus_gradcam_same_layer"] = {k: r["paired"][k] for k in ("max_box_acc_evaluation", "gt_known_loc")}
+    return out
+
+
+def run(model, pre, imp, val, names, layer, fused_opts, faithful, step, progress):
+    fns = evaluation.standard_methods(model, names, importance=imp, layer=layer,
+                                      options={"fused": fused_opts} if fused_opts else None)
+    res = evaluation.evaluate(model, val, {k: v for k, v in fns.items() if k not in faithful}, pre.normalize,
+                              progress=progress, keep_hits=True, reference="gradcam" if "gradcam" in fns else None)
+    if any(k in faithful for k in fns):
+        more = evaluation.evaluate(model, val, {k: v for k, v in fns.items() if k in faithful}, pre.normalize,
+                                   progress=progress, keep_hits=True, faithfulness_metrics=("deletion", "insertion"),
+                                   deletion_step=step, reference="gradcam" if "gradcam" in faithful else None)
+        res["methods"].update(more["methods"])
+    return res
+
+
+def headline(record: dict, hits: dict, faith: dict, evals: np.ndarray) -> dict:
+    """Best CHIP map against the best peer map (any layer), paired on the evaluation images."""
+    def score(key):
+        return float(hits[key][evals].mean(0).max())
+
+    ours = [k for k in hits if k.split("@")[0] in ("chip", "fused", "refined")]
+    peers = [k for k in hits if k.split("@")[0] not in ("chip", "fused", "refined", "center")]
+    best_ours, best_peer = max(ours, key=score), max(peers, key=score)
+    out = {"best_chip_map": best_ours, "best_peer_map": best_peer,
+           "difference": stats.max_over_thresholds_interval(hits[best_ours][evals], hits[best_peer][evals])}
+    a, b = hits[best_ours][evals], hits[best_peer][evals]
+    out["difference"]["sign_test"] = stats.sign_test(a[:, a.mean(0).argmax()], b[:, b.mean(0).argmax()])
+    if "fused" in hits:
+        out["fused_minus_best_peer"] = stats.max_over_thresholds_interval(hits["fused"][evals], b)
+        out["fused_minus_best_peer"]["sign_test"] = stats.sign_test(
+            hits["fused"][evals][:, hits["fused"][evals].mean(0).argmax()], b[:, b.mean(0).argmax()])
+    if "fused" in faith:  # (b): fused against every gradient CAM measured, paired per image
+        out["faithfulness"] = {}
+        for key, f in faith.items():
+            if key.split("@")[0] in CLASS_DISCRIMINATIVE:
+                out["faithfulness"][key] = {m: stats.paired(faith["fused"][m], f[m]) for m in ("deletion", "insertion")}
+    for layer in ("blocks.4", "blocks.5"):  # (c): class-level CHIP against every class-discriminative peer
+        key = f"chip@{layer}"
+        if key in hits:
+            out[f"chip_minus_peers@{layer}"] = {
+                p: stats.max_over_thresholds_interval(hits[key][evals], hits[f"{p}@{layer}"][evals])
+                for p in CLASS_DISCRIMINATIVE if f"{p}@{layer}" in hits}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="ilsvrc", choices=("ilsvrc", "imagenette"))
+    p.add_argument("--layers", default=",".join(LAYERS))
+    p.add_argument("--faithful-layers", default="blocks.5,blocks.6,bn2")
+    p.add_argument("--deletion-step", type=int, default=224 * 14, help="pixels a step (16 steps at 224x224)")
+    p.add_argument("--fused", default="{}", help="JSON options of fused (default: its defaults)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    out = args.out or qc.RESULTS / f"breadth_{args.dataset}.json"
+    t0 = time.perf_counter()
+    model, pre = qc.load_model()
+    val = fused_chip.dataset(args.dataset, pre)
+    if args.limit:
+        val = torch.utils.data.Subset(val, list(range(args.limit)))
+    imp = fused_chip.importance(model, args.dataset)
+    fused_opts = json.loads(args.fused)
+    record = {"benchmark": "breadth_sweep", "dataset": args.dataset, "date": dt.date.today().isoformat(),
+              "machine": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+              "model": qc.MODEL, "pass": qc.PASSES[fused_chip.TAGS[args.dataset]], "fused": fused_opts,
+              "deletion_step_pixels": args.deletion_step, "protocol": "thresholds on the calibration half (even "
+              "indices); figures on the evaluation half (odd) with 95% bootstrap intervals", "layers": {}}
+    hits, faith = {}, {}
+    layers = args.layers.split(",")
+    for layer in layers + ["multi"]:
+        s0 = time.perf_counter()
+        names = MULTI if layer == "multi" else ["chip"] + PEERS
+        faithful = FAITHFUL if layer == "multi" or layer in args.faithful_layers.split(",") else []
+        res = run(model, pre, imp, val, names, None if layer == "multi" else layer, fused_opts, faithful,
+                  args.deletion_step, args.progress)
+        record["layers"][layer] = {name: row(r) for name, r in res["methods"].items()}
+        for name, r in res["methods"].items():
+            key = name if layer == "multi" else f"{name}@{layer}"
+            hits[key] = np.asarray(r["hits"], dtype=np.int8)
+            if "faithfulness" in r:
+                faith[key] = {m: np.asarray(v["per_image"]) for m, v in r["faithfulness"].items()}
+        record["n"], record["n_evaluation"] = res["n"], res["n_evaluation"]
+        record["classification"] = res["classification"]
+        record.setdefault("seconds", {})[layer] = time.perf_counter() - s0
+        print(f"== {layer} ({record['seconds'][layer]:.0f} s)", flush=True)
+        for name, r in record["layers"][layer].items():
+            extra = "".join(f" {m} {stats.format_interval(r[m])}" for m in ("deletion", "insertion") if m in r)
+            print(f"  {name:<20} MaxBoxAcc {stats.format_interval(r['max_box_acc_evaluation'])} "
+                  f"V2 {r['max_box_acc_v2_evaluation']:.3f}{extra}", flush=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+    qc.WORK.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(qc.WORK / f"breadth_{args.dataset}_hits.npz", **{k.replace("/", "_"): v for k, v in hits.items()})
+    evals = np.arange(1, record["n"], 2)
+    record["headline"] = headline(record, hits, faith, evals)
+    record["seconds_total"] = time.perf_counter() - t0
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in record["headline"].items() if k != "faithfulness"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
