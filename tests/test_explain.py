@@ -91,6 +91,23 @@ def test_fused_is_the_geometric_or_arithmetic_mean_of_the_layers_maps(model, imp
     torch.testing.assert_close(_minmax(geo ** 2), refined, rtol=0, atol=1e-4)
 
 
+def test_fused_default_layers_are_the_last_and_the_first_at_its_resolution(model):
+    g = torch.Generator().manual_seed(4)
+    imp = Importance({"layer1": torch.randn(2, 64, generator=g), "layer4.0": torch.randn(2, 512, generator=g),
+                      "layer4": torch.randn(2, 512, generator=g)}, [3, 7])
+    x = images()
+    from chip_ext.explanation.explain import fusion_layers
+
+    assert fusion_layers(model, imp, images=x) == ["layer4.0", "layer4"]  # layer1's map is 16x16, theirs 2x2
+    assert fusion_layers(model, imp) == ["layer4.0", "layer4"]  # a 224 probe: the same layers
+    fused = chip_ext.explain(model, x, imp, method="fused", target=7)
+    torch.testing.assert_close(fused, chip_ext.explain(model, x, imp, method="fused", target=7,
+                                                       layers=["layer4", "layer4.0"]))
+    two = Importance({"layer1": imp.weights["layer1"], "layer4": imp.weights["layer4"]}, [3, 7])
+    torch.testing.assert_close(chip_ext.explain(model, x, two, method="fused", target=7),  # nothing to fuse
+                               chip_ext.explain(model, x, two, layer="layer4", target=7), rtol=0, atol=1e-6)
+
+
 def test_fused_bad_options(model, importance):
     x = images()
     with pytest.raises(ValueError, match="combines several layers: pass layers="):

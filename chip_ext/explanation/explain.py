@@ -33,10 +33,17 @@ TargetArg = int | str | Sequence[int] | Sequence[str] | Tensor | None
 
 
 def forward_order(model: nn.Module, layers: Sequence[str]) -> list[str]:
-    """`layers` sorted by where their modules stand in model.named_modules() (forward order for
-    sequential CNNs)."""
-    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    missing = [l for l in layers if l not in position]
+    """`layers` sorted by where their modules' outputs come in a forward pass of a sequential CNN: the
+    position in model.named_modules() of each module's last descendant (a block's output follows its
+    children's: "layer4.0" before "layer4")."""
+    names = [name for name, _ in model.named_modules()]
+    position = {name: i for i, name in enumerate(names)}
+    for i, name in enumerate(names):  # a parent ends where its last descendant does
+        parts = name.split(".")
+        for k in range(len(parts)):
+            position[".".join(parts[:k])] = i
+    known = set(names)
+    missing = [l for l in layers if l not in known]
     if missing:
         raise ValueError(f"the importance has layer(s) {missing} that this model does not have; "
                          "was it distilled on another model?")
@@ -110,17 +117,32 @@ def chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: s
     return normalize_maps(maps, images.shape[-2:]), t
 
 
-def fusion_layers(model: nn.Module, importance: Importance, layers: Sequence[str] | None = None) -> list[str]:
+def fusion_layers(model: nn.Module, importance: Importance, layers: Sequence[str] | None = None,
+                  images: Tensor | None = None) -> list[str]:
     """The layers the fused map combines, in forward order: `layers` when given (each in the
-    importance), else the default (see `fused_maps`)."""
+    importance); by default the importance's last layer and the first of its layers whose map has the
+    last layer's spatial size (EfficientNet-Lite0 distilled at blocks.3 ... bn2: blocks.5 and bn2, the
+    pair chosen on the calibration halves; one layer when no other has that size). The sizes come from
+    `images` (a shared forward) or, without them, from a 224 x 224 probe."""
     if layers is None:
-        return forward_order(model, importance.layers)
+        ordered = forward_order(model, importance.layers)
+        view = inference_view(model)
+        probe = images if images is not None else torch.zeros(1, 3, 224, 224, device=_device_of(model))
+        with shared_activations():
+            sizes = {l: tuple(layer_activations(view, probe, l).shape[-2:]) for l in ordered}
+        first = next(l for l in ordered if sizes[l] == sizes[ordered[-1]])
+        return [first, ordered[-1]] if first != ordered[-1] else [first]
     if isinstance(layers, str) or not all(isinstance(l, str) for l in layers) or not layers:
         raise TypeError(f"layers must be a non-empty list of layer names; got {layers!r}")
     missing = [l for l in layers if l not in importance.weights]
     if missing:
         raise ValueError(f"layers {missing} are not in the importance (layers: {importance.layers})")
     return forward_order(model, list(dict.fromkeys(layers)))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def fused_maps(model: nn.Module, images: Tensor, importance: Importance, target: TargetArg = None, *,
@@ -131,11 +153,11 @@ def fused_maps(model: nn.Module, images: Tensor, importance: Importance, target:
     rule "geometric": (prod_l m_l)^(1/L), so a pixel is bright only where every layer agrees (an
     intermediate layer's tighter maps trim the last layer's blobs; the last layer vetoes the
     intermediate one's stray responses); "mean": the average of the maps (LayerCAM-style fusion).
-    layers: default the importance's layers."""
+    layers: default `fusion_layers`' choice (the last layer and the first at its resolution)."""
     if rule not in FUSION_RULES:
         raise ValueError(f"rule must be one of {FUSION_RULES}; got {rule!r}")
-    layers = fusion_layers(model, importance, layers)
     with shared_activations():
+        layers = fusion_layers(model, importance, layers, images)
         last, t = chip_maps(model, images, importance, layers[-1], target)
         maps = [chip_maps(model, images, importance, l, t)[0] for l in layers[:-1]] + [last]
     stack = torch.stack(maps)  # [L, B, H, W]
