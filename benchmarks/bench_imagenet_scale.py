@@ -89,9 +89,10 @@ class Encoded(Dataset):
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=x.device)[:, None, None]
-    std = torch.tensor(STD, device=x.device)[:, None, None]
-    return (x - mean) / std
+    """uint8 or [0, 1] images -> normalised, as distill(normalize=(MEAN, STD)) does on the device."""
+    from chip_ext.distillation.streaming import device_normalizer
+
+    return device_normalizer((MEAN, STD), x.device)(x)
 
 
 def cpu_batches(files, n, size, batch, workers, device):
@@ -110,7 +111,7 @@ def gpu_batches(files, n, size, batch, workers, device):
         images = torchvision.io.decode_jpeg(data, device=device, mode=torchvision.io.ImageReadMode.RGB)
         x = torch.stack([TF.center_crop(TF.resize(im, [size * 8 // 7], antialias=True), [size, size])
                          for im in images])
-        yield normalise(x.float() / 255)
+        yield normalise(x)
 
 
 class Stamped:

@@ -48,9 +48,9 @@ def dataset(name: str, pre) -> data.LocalizationDataset:
     return data.LocalizationDataset(data.find_localization_samples(root), interpolation=pre.interpolation)
 
 
-def importance(model, name: str):
-    """W with distill's defaults from the pass of `name` (re-solved from its checkpoint)."""
-    return qc.solve(model, TAGS[name], lam_ratio=DEFAULT_LAM_RATIO, fit_intercept=True)
+def importance(model, name: str, tag: str | None = None):
+    """W with distill's defaults from the pass of `name` (or `tag`), re-solved from its checkpoint."""
+    return qc.solve(model, tag or TAGS[name], lam_ratio=DEFAULT_LAM_RATIO, fit_intercept=True)
 
 
 def layer_maps(model, pre, imp, ds, indices: list[int], *, progress: bool = True):
@@ -61,8 +61,9 @@ def layer_maps(model, pre, imp, ds, indices: list[int], *, progress: bool = True
     loader = DataLoader(Subset(ds, indices), batch_size=25, collate_fn=data.collate_localization)
     for x01, labels, bx in tqdm(loader, desc="per-layer CHIP maps", disable=not progress):
         x = pre.normalize(x01)
-        with shared_activations():
-            per = [chip_maps(model, x, imp, layer, labels)[0] for layer in LAYERS]
+        with shared_activations():  # a layer the importance lacks: zeros (its candidates are skipped)
+            per = [chip_maps(model, x, imp, layer, labels)[0] if layer in imp.weights else torch.zeros(x01.shape[0], *x01.shape[-2:])
+                   for layer in LAYERS]
         maps.append(torch.stack(per, 1).half())
         boxes += bx
     return torch.cat(maps).numpy(), boxes
@@ -111,8 +112,10 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", default="imagenette,ilsvrc")
     p.add_argument("--limit", type=int, default=None, help="first N calibration images (smoke test)")
     p.add_argument("--cache", type=Path, default=qc.WORK / "fused_maps", help="per-layer maps cache folder")
+    p.add_argument("--tag", action="append", default=[], help="DATASET=PASS: another pass for a dataset")
     p.add_argument("--out", type=Path, default=qc.RESULTS / "fused_chip_calibration.json")
     args = p.parse_args(argv)
+    tags = dict(t.split("=", 1) for t in args.tag)
     model, pre = qc.load_model()
     cands = candidates()
     record = {"benchmark": "fused_chip", "date": dt.date.today().isoformat(),
@@ -127,15 +130,19 @@ def main(argv=None) -> int:
         cal, _ = qc.halves(len(ds))
         cal = cal[: args.limit] if args.limit else cal
         args.cache.mkdir(parents=True, exist_ok=True)
-        cache = args.cache / f"{name}_{len(cal)}.npz"
+        tag = tags.get(name, TAGS[name])
+        cache = args.cache / f"{name}_{tag}_{len(cal)}.npz"
+        imp = importance(model, name, tag)
         if cache.is_file():
             z = np.load(cache, allow_pickle=True)
             maps, boxes = z["maps"], list(z["boxes"])
         else:
-            maps, boxes = layer_maps(model, pre, importance(model, name), ds, cal)
+            maps, boxes = layer_maps(model, pre, imp, ds, cal)
             np.savez(cache, maps=maps, boxes=np.array(boxes, dtype=object))
         rows, hits[name] = {}, {}
         for cname, (rule, weights) in cands.items():
+            if any(l not in imp.weights for l in weights):
+                continue
             v1, v2 = box_correct_both(fuse(maps, rule, weights), boxes, DEFAULT_THRESHOLDS)
             hits[name][cname] = v1
             rows[cname] = {"max_box_acc": stats.max_over_thresholds_interval(v1),
@@ -143,11 +150,11 @@ def main(argv=None) -> int:
                            "rule": rule, "weights": weights}
             print(f"{name:<10} {cname:<28} MaxBoxAcc {stats.format_interval(rows[cname]['max_box_acc'])} "
                   f"V2 {rows[cname]['max_box_acc_v2']:.3f}", flush=True)
-        record["datasets"][name] = {"n_calibration": len(cal), "candidates": rows,
+        record["datasets"][name] = {"pass": tag, "n_calibration": len(cal), "candidates": rows,
                                     "seconds": time.perf_counter() - t0}
     names = list(record["datasets"])
     score = {c: float(np.mean([record["datasets"][d]["candidates"][c]["max_box_acc"]["mean"] for d in names]))
-             for c in cands}
+             for c in cands if all(c in record["datasets"][d]["candidates"] for d in names)}
     winner = max(score, key=score.get)
     record["mean_over_datasets"] = dict(sorted(score.items(), key=lambda kv: -kv[1]))
     record["winner"] = {"name": winner, "rule": cands[winner][0], "weights": cands[winner][1]}

@@ -67,6 +67,9 @@ PASSES: dict[str, dict] = {
     # the layers of the fused map and the ILSVRC layer sweep
     "ilsvrc": {"layers": ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"], "per_class": None,
                "num_perturbations": 32, "root": "imagenet/train-one-per-class"},
+    # the same at N=100 on the fused layers (does more perturbations of the one image a class help?)
+    "ilsvrc_n100": {"layers": ["blocks.5", "blocks.6", "bn2"], "per_class": None, "num_perturbations": 100,
+                    "root": "imagenet/train-one-per-class"},
 }
 
 
