@@ -97,44 +97,88 @@ def headline(record: dict, hits: dict, faith: dict, evals: np.ndarray) -> dict:
     return out
 
 
+def _ci(r: dict) -> str:
+    return f"{r['mean']:.3f} [{r['lo']:.2f}, {r['hi']:.2f}]"
+
+
+def markdown(record: dict) -> str:
+    """The results page's tables: MaxBoxAcc [95% CI] on the evaluation half per method and layer, the
+    multi-layer maps, and deletion / insertion where measured."""
+    layers = [l for l in LAYERS if l in record["layers"]]
+    names = list(dict.fromkeys(n for l in layers for n in record["layers"][l]))
+    lines = ["| MaxBoxAcc [95% CI] | " + " | ".join(f"`{l}`" for l in layers) + " |", "|---" * (len(layers) + 1) + "|"]
+    for n in names:
+        cells = [_ci(record["layers"][l][n]["max_box_acc_evaluation"]) if n in record["layers"][l] else ""
+                 for l in layers]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    multi = record["layers"].get("multi", {})
+    if multi:
+        lines += ["", "| multi-layer map | MaxBoxAcc [95% CI] | MaxBoxAccV2 | top-1 loc | deletion ↓ | insertion ↑ |",
+                  "|---|---|---|---|---|---|"]
+        for n, r in multi.items():
+            lines.append(f"| {n} | {_ci(r['max_box_acc_evaluation'])} | {r['max_box_acc_v2_evaluation']:.3f} | "
+                         f"{_ci(r['top1_loc'])} | {_ci(r['deletion']) if 'deletion' in r else ''} | "
+                         f"{_ci(r['insertion']) if 'insertion' in r else ''} |")
+    faith = [(l, n, r) for l in layers for n, r in record["layers"][l].items() if "deletion" in r]
+    if faith:
+        lines += ["", "| single-layer map | deletion ↓ | insertion ↑ |", "|---|---|---|"]
+        lines += [f"| {n} at `{l}` | {_ci(r['deletion'])} | {_ci(r['insertion'])} |" for l, n, r in faith]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="ilsvrc", choices=("ilsvrc", "imagenette"))
-    p.add_argument("--layers", default=",".join(LAYERS))
-    p.add_argument("--faithful-layers", default="blocks.5,blocks.6,bn2")
-    p.add_argument("--deletion-step", type=int, default=224 * 14, help="pixels a step (16 steps at 224x224)")
+    p.add_argument("--layers", default=",".join(LAYERS + ["multi"]), help="layers, and 'multi' for the "
+                   "multi-layer maps")
+    p.add_argument("--faithful-layers", default="bn2,multi", help="layers with deletion / insertion ('multi': "
+                   "the multi-layer maps)")
+    p.add_argument("--deletion-step", type=int, default=224 * 28, help="pixels a step (8 steps at 224x224)")
+    p.add_argument("--tag", default=None, help="the distillation pass (default: the dataset's, quality_common)")
+    p.add_argument("--headline", action="store_true", help="only recompute the headline from the saved hits")
     p.add_argument("--fused", default="{}", help="JSON options of fused (default: its defaults)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     out = args.out or qc.RESULTS / f"breadth_{args.dataset}.json"
+    store = qc.WORK / f"{out.stem}_hits.npz"  # per image: hits [N, T] and faithfulness, every run merged
+    saved = dict(np.load(store)) if store.is_file() else {}
+    if args.headline:
+        record = json.loads(out.read_text())
+        finish(record, saved, out)
+        print(markdown(record))
+        return 0
     t0 = time.perf_counter()
     model, pre = qc.load_model()
     val = fused_chip.dataset(args.dataset, pre)
     if args.limit:
         val = torch.utils.data.Subset(val, list(range(args.limit)))
-    imp = fused_chip.importance(model, args.dataset)
+    tag = args.tag or fused_chip.TAGS[args.dataset]
+    imp = fused_chip.importance(model, args.dataset, tag)
     fused_opts = json.loads(args.fused)
-    record = {"benchmark": "breadth_sweep", "dataset": args.dataset, "date": dt.date.today().isoformat(),
+    record = json.loads(out.read_text()) if out.is_file() else {"layers": {}}  # layers of earlier runs stay
+    record.update({"benchmark": "breadth_sweep", "dataset": args.dataset, "date": dt.date.today().isoformat(),
               "machine": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
-              "model": qc.MODEL, "pass": qc.PASSES[fused_chip.TAGS[args.dataset]], "fused": fused_opts,
-              "deletion_step_pixels": args.deletion_step, "protocol": "thresholds on the calibration half (even "
-              "indices); figures on the evaluation half (odd) with 95% bootstrap intervals", "layers": {}}
-    hits, faith = {}, {}
-    layers = args.layers.split(",")
-    for layer in layers + ["multi"]:
+              "model": qc.MODEL, "fused": fused_opts,
+              "protocol": "thresholds on the calibration half (even indices); figures on the evaluation half (odd) "
+              "with 95% bootstrap intervals"})
+    layers = [l for l in args.layers.split(",") if l]
+    for layer in layers:
         s0 = time.perf_counter()
         names = MULTI if layer == "multi" else ["chip"] + PEERS
-        faithful = FAITHFUL if layer == "multi" or layer in args.faithful_layers.split(",") else []
+        faithful = FAITHFUL if layer in args.faithful_layers.split(",") else []
+        if faithful:
+            record.setdefault("deletion_step_by_layer", {})[layer] = args.deletion_step
+        record.setdefault("pass_by_layer", {})[layer] = {"tag": tag, **qc.PASSES[tag]}
         res = run(model, pre, imp, val, names, None if layer == "multi" else layer, fused_opts, faithful,
                   args.deletion_step, args.progress)
         record["layers"][layer] = {name: row(r) for name, r in res["methods"].items()}
         for name, r in res["methods"].items():
             key = name if layer == "multi" else f"{name}@{layer}"
-            hits[key] = np.asarray(r["hits"], dtype=np.int8)
-            if "faithfulness" in r:
-                faith[key] = {m: np.asarray(v["per_image"]) for m, v in r["faithfulness"].items()}
+            saved[f"hits:{key}"] = np.asarray(r["hits"], dtype=np.int8)
+            for m, v in r.get("faithfulness", {}).items():
+                saved[f"faith:{key}:{m}"] = np.asarray(v["per_image"])
         record["n"], record["n_evaluation"] = res["n"], res["n_evaluation"]
         record["classification"] = res["classification"]
         record.setdefault("seconds", {})[layer] = time.perf_counter() - s0
@@ -144,14 +188,24 @@ def main(argv=None) -> int:
             print(f"  {name:<20} MaxBoxAcc {stats.format_interval(r['max_box_acc_evaluation'])} "
                   f"V2 {r['max_box_acc_v2_evaluation']:.3f}{extra}", flush=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
-    qc.WORK.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(qc.WORK / f"breadth_{args.dataset}_hits.npz", **{k.replace("/", "_"): v for k, v in hits.items()})
+        qc.WORK.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(store, **saved)
+    finish(record, saved, out)
+    return 0
+
+
+def finish(record: dict, saved: dict, out: Path) -> None:
+    """The headline from every saved layer's hits, into the JSON."""
+    hits = {k[5:]: v for k, v in saved.items() if k.startswith("hits:")}
+    faith: dict = {}
+    for k, v in saved.items():
+        if k.startswith("faith:"):
+            _, key, m = k.split(":")
+            faith.setdefault(key, {})[m] = v
     evals = np.arange(1, record["n"], 2)
     record["headline"] = headline(record, hits, faith, evals)
-    record["seconds_total"] = time.perf_counter() - t0
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: v for k, v in record["headline"].items() if k != "faithfulness"}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def picture(record: dict, maps: dict, x01: torch.Tensor, path: Path, image: int 
     fig.suptitle("Cascading randomisation of EfficientNet-Lite0 (top down); a map that stays the same does "
                  f"not depend on the weights ({record['date']}, {record['machine']})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=66)  # a page picture: small enough for the repository
 
 
 def curves(record: dict, path: Path) -> None:
@@ -175,6 +175,17 @@ def curves(record: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(record: dict, key: str = "spearman_abs") -> str:
+    """The sanity table: per method and stage (randomised from the classifier down to it), the mean
+    similarity to the trained model's maps."""
+    stages = list(record["stages"])
+    names = list(record["stages"][stages[0]])
+    lines = ["| method | " + " | ".join(f"→`{s}`" for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{record['stages'][s][n][key]['mean']:.2f}" for s in stages) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=16)
@@ -183,7 +194,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-redistill", action="store_true")
     p.add_argument("--out", type=Path, default=qc.RESULTS / "sanity_checks.json")
     p.add_argument("--picture", type=Path, default=qc.ROOT.parent / "docs" / "sanity_checks.png")
+    p.add_argument("--table", action="store_true", help="print the tables from --out and stop")
     args = p.parse_args(argv)
+    if args.table:
+        record = json.loads(args.out.read_text())
+        for key in ("spearman_abs", "spearman", "ssim"):
+            print(f"\n{key}\n" + markdown(record, key))
+        return 0
     t0 = time.perf_counter()
     model, pre = qc.load_model()
     val = qc.val_dataset(pre)

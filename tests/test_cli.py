@@ -24,7 +24,7 @@ MODEL_FILE = textwrap.dedent('''
         return model, Preprocess(size=32, resize=36)
 ''')
 
-METHODS = "chip,refined,guided_chip,image_chip,region_chip,gradcam,cam,guided_backprop,guided_gradcam"
+METHODS = "chip,refined,fused,guided_chip,image_chip,region_chip,gradcam,cam,guided_backprop,guided_gradcam"
 
 
 @pytest.fixture
