@@ -406,10 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="folder with val_labels.csv + val_boxes.csv, val_boxes_xml/, "
                     "or wsolevaluation metadata")
     ev.add_argument("--methods", default="chip,refined,gradcam,cam",
-                    help="comma list of chip, refined, image_chip (per-image CHIP), region_chip (CHIP gates over the map's cells), gradcam, cam, rise, center (the "
-                         "no-model centre baseline), and "
+                    help="comma list of chip, refined, fused (CHIP's last layer x the first at its resolution), "
+                         "image_chip (per-image CHIP), region_chip (CHIP gates over the map's cells), gradcam, cam, "
+                         "rise, center (the no-model centre baseline), and "
                     "pytorch-grad-cam's gradcam_pytorch_grad_cam, gradcam++, scorecam, ablationcam, layercam, "
-                    "xgradcam, eigencam, hirescam")
+                    "xgradcam, eigencam, hirescam, and its multi-layer refinecam, refinecam_gradcam, layercam_multi, "
+                    "gradcam_multi (over the layers fused CHIP combines)")
     ev.add_argument("--faithfulness", default="",
                     help="comma list of deletion, insertion (RISE protocol) and road (pytorch-grad-cam's "
                     "ROADCombined), on the evaluation half (default: none; each costs forwards per image)")
