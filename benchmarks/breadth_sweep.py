@@ -79,10 +79,17 @@ def headline(record: dict, hits: dict, faith: dict, evals: np.ndarray) -> dict:
            "difference": stats.max_over_thresholds_interval(hits[best_ours][evals], hits[best_peer][evals])}
     a, b = hits[best_ours][evals], hits[best_peer][evals]
     out["difference"]["sign_test"] = stats.sign_test(a[:, a.mean(0).argmax()], b[:, b.mean(0).argmax()])
-    if "fused" in hits:
-        out["fused_minus_best_peer"] = stats.max_over_thresholds_interval(hits["fused"][evals], b)
-        out["fused_minus_best_peer"]["sign_test"] = stats.sign_test(
-            hits["fused"][evals][:, hits["fused"][evals].mean(0).argmax()], b[:, b.mean(0).argmax()])
+    discriminative = [k for k in peers if not k.startswith("eigencam")]  # EigenCAM ignores the class
+    best_cd = max(discriminative, key=score)
+    out["best_class_discriminative_peer_map"] = best_cd
+    for mine in ("fused", best_ours):
+        if mine not in hits:
+            continue
+        for name, other in (("best_peer", best_peer), ("best_class_discriminative_peer", best_cd)):
+            a, b = hits[mine][evals], hits[other][evals]
+            d = stats.max_over_thresholds_interval(a, b)
+            d["sign_test"] = stats.sign_test(a[:, a.mean(0).argmax()], b[:, b.mean(0).argmax()])
+            out[f"{'fused' if mine == 'fused' else 'best_chip'}_minus_{name}"] = d
     if "fused" in faith:  # (b): fused against every gradient CAM measured, paired per image
         out["faithfulness"] = {}
         for key, f in faith.items():
@@ -136,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--deletion-step", type=int, default=224 * 28, help="pixels a step (8 steps at 224x224)")
     p.add_argument("--tag", default=None, help="the distillation pass (default: the dataset's, quality_common)")
     p.add_argument("--headline", action="store_true", help="only recompute the headline from the saved hits")
+    p.add_argument("--merge", nargs="*", default=[], help="with --headline: fold these runs' JSON (and their saved "
+                   "hits) into --out first (runs of other layers, same data)")
     p.add_argument("--fused", default="{}", help="JSON options of fused (default: its defaults)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--progress", action="store_true")
@@ -146,6 +155,16 @@ def main(argv=None) -> int:
     saved = dict(np.load(store)) if store.is_file() else {}
     if args.headline:
         record = json.loads(out.read_text())
+        for other in map(Path, args.merge):
+            o = json.loads(other.read_text())
+            record["layers"].update(o["layers"])
+            for k in ("pass_by_layer", "deletion_step_by_layer", "seconds"):
+                record.setdefault(k, {}).update(o.get(k, {}))
+            more = qc.WORK / f"{other.stem}_hits.npz"
+            if more.is_file():
+                saved.update(dict(np.load(more)))
+        if args.merge:
+            np.savez_compressed(store, **saved)
         finish(record, saved, out)
         print(markdown(record))
         return 0
