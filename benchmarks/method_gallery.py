@@ -1,6 +1,6 @@
 """The results page's picture: per method, the same eight evaluation-half images with their boxes.
 
-Eight ILSVRC val images of the evaluation half at fixed, evenly spaced positions (chosen before any map
+Eight val images of the evaluation half (ILSVRC or Imagenette) at fixed, evenly spaced positions (chosen before any map
 was drawn), the true class's map of each method, the ground-truth boxes (green) and the method's box at the
 threshold chosen on the calibration half (red; from `breadth_sweep.py`'s JSON).
 
@@ -42,10 +42,11 @@ def main(argv=None) -> int:
     idx = ev[:: len(ev) // args.images][: args.images]
     x01, labels, boxes = data.collate_localization([val[i] for i in idx])
     x = pre.normalize(x01)
-    imp = fused_chip.importance(model, args.dataset)
+    imp = fused_chip.importance(model, args.dataset, record.get("pass_by_layer", {}).get("multi", {}).get("tag"))
+    rows = [k for k in ROWS if (k.partition("@")[2] or "multi") in record["layers"]]  # measured layers only
     maps, thresholds = {}, {}
     with shared_activations():
-        for key in ROWS:
+        for key in rows:
             name, _, layer = key.partition("@")
             fn = evaluation.standard_methods(model, [name], importance=imp, layer=layer or None)[name]
             maps[key] = fn(x, labels).detach().float().clamp(0, 1)
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     from matplotlib.patches import Rectangle
 
     names = [n for n in (getattr(imp, "class_names", None) or [])]
-    fig, axes = plt.subplots(len(ROWS) + 1, len(idx), figsize=(1.6 * len(idx), 1.6 * (len(ROWS) + 1)))
+    fig, axes = plt.subplots(len(rows) + 1, len(idx), figsize=(1.6 * len(idx), 1.6 * (len(rows) + 1)))
 
     def box(ax, b, color):
         ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color=color, lw=1.3))
@@ -70,14 +71,14 @@ def main(argv=None) -> int:
         axes[0, c].set_title(label[:18], fontsize=7)
         for b in boxes[c]:
             box(axes[0, c], b, "lime")
-        for r, key in enumerate(ROWS, start=1):
+        for r, key in enumerate(rows, start=1):
             ax = axes[r, c]
             ax.imshow(x01[c].permute(1, 2, 0).numpy())
             ax.imshow(maps[key][c].numpy(), cmap="jet", alpha=0.5)
             for b in boxes[c]:
                 box(ax, b, "lime")
             box(ax, box_from_map(maps[key][c], thresholds[key]), "red")
-    for r, key in enumerate(["image"] + ROWS):
+    for r, key in enumerate(["image"] + rows):
         axes[r, 0].set_ylabel(key, fontsize=7, rotation=0, ha="right", va="center")
     for ax in axes.ravel():
         ax.set_xticks([])
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     fig.suptitle(f"{args.dataset} val, evaluation half, fixed positions; green: ground truth, red: the box at the "
                  f"threshold chosen on the calibration half ({record['date']})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=68)  # small enough for the repository
     print("wrote", out)
     return 0
 

@@ -98,7 +98,7 @@ def test_fused_default_layers_are_the_last_and_the_first_at_its_resolution(model
     x = images()
     from chip_ext.explanation.explain import fusion_layers
 
-    assert fusion_layers(model, imp, images=x) == ["layer4.0", "layer4"]  # layer1's map is 16x16, theirs 2x2
+    assert fusion_layers(model, imp, size=(64, 64)) == ["layer4.0", "layer4"]  # layer1's map 16x16, theirs 2x2
     assert fusion_layers(model, imp) == ["layer4.0", "layer4"]  # a 224 probe: the same layers
     fused = chip_ext.explain(model, x, imp, method="fused", target=7)
     torch.testing.assert_close(fused, chip_ext.explain(model, x, imp, method="fused", target=7,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 import warnings
 from collections.abc import Sequence
 
@@ -117,19 +118,32 @@ def chip_maps(model: nn.Module, images: Tensor, importance: Importance, layer: s
     return normalize_maps(maps, images.shape[-2:]), t
 
 
+_FUSION_SIZES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _map_sizes(model: nn.Module, layers: Sequence[str], size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """The spatial size of each layer's map for inputs of `size`, from one probe image of zeros
+    (cached per model and input size: the explain path does not run a prefix per batch for it)."""
+    cache = _FUSION_SIZES.setdefault(model, {})
+    key = (tuple(layers), tuple(size))
+    if key not in cache:
+        view = inference_view(model)
+        probe = torch.zeros(1, 3, *size, device=_device_of(model),
+                            dtype=next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
+        with shared_activations():
+            cache[key] = {l: tuple(layer_activations(view, probe, l).shape[-2:]) for l in layers}
+    return cache[key]
+
+
 def fusion_layers(model: nn.Module, importance: Importance, layers: Sequence[str] | None = None,
-                  images: Tensor | None = None) -> list[str]:
+                  size: tuple[int, int] = (224, 224)) -> list[str]:
     """The layers the fused map combines, in forward order: `layers` when given (each in the
     importance); by default the importance's last layer and the first of its layers whose map has the
-    last layer's spatial size (EfficientNet-Lite0 distilled at blocks.3 ... bn2: blocks.5 and bn2, the
-    pair chosen on the calibration halves; one layer when no other has that size). The sizes come from
-    `images` (a shared forward) or, without them, from a 224 x 224 probe."""
+    last layer's spatial size for inputs of `size` (EfficientNet-Lite0 distilled at blocks.3 ... bn2:
+    blocks.5 and bn2, the pair chosen on the calibration halves; one layer when no other has that size)."""
     if layers is None:
         ordered = forward_order(model, importance.layers)
-        view = inference_view(model)
-        probe = images if images is not None else torch.zeros(1, 3, 224, 224, device=_device_of(model))
-        with shared_activations():
-            sizes = {l: tuple(layer_activations(view, probe, l).shape[-2:]) for l in ordered}
+        sizes = _map_sizes(model, ordered, size)
         first = next(l for l in ordered if sizes[l] == sizes[ordered[-1]])
         return [first, ordered[-1]] if first != ordered[-1] else [first]
     if isinstance(layers, str) or not all(isinstance(l, str) for l in layers) or not layers:
@@ -156,8 +170,9 @@ def fused_maps(model: nn.Module, images: Tensor, importance: Importance, target:
     layers: default `fusion_layers`' choice (the last layer and the first at its resolution)."""
     if rule not in FUSION_RULES:
         raise ValueError(f"rule must be one of {FUSION_RULES}; got {rule!r}")
+    check_images(images)
+    layers = fusion_layers(model, importance, layers, tuple(images.shape[-2:]))
     with shared_activations():
-        layers = fusion_layers(model, importance, layers, images)
         last, t = chip_maps(model, images, importance, layers[-1], target)
         maps = [chip_maps(model, images, importance, l, t)[0] for l in layers[:-1]] + [last]
     stack = torch.stack(maps)  # [L, B, H, W]
