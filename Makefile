@@ -2,7 +2,7 @@
 #               (CUDA kernels too when nvcc is found), installs Debian's chromium when missing (as root),
 #               runs pytest and the C++ tests (ctest).
 # make demo   : the same setup, then chip-ext demo --out demo_out (open demo_out/index.html)
-# make build  : only the first three steps.      make bench : benchmarks/bench_ops.py
+# make build  : only the first three steps.      make bench : benchmarks/speed/bench_ops.py
 # Idempotent: dependencies and the build are redone only when their inputs changed.
 SHELL := /bin/bash
 VENV ?= .venv
@@ -59,7 +59,7 @@ docs: build
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 bench: build
-	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/speed/bench_ops.py
 
 demo: build
 	$(PY) -m chip_ext demo --out demo_out

@@ -1,4 +1,4 @@
-"""The GPU scripts, checked on the CPU: benchmarks/gpu_summary.py reads whatever a device run wrote (files
+"""The GPU scripts, checked on the CPU: benchmarks/gpu/gpu_summary.py reads whatever a device run wrote (files
 found by their content, not their names; a missing file or ceiling said as such, never as nan), and
 bench_imagenet_scale.py's dry run measures every term of its projection."""
 import shutil
@@ -11,7 +11,7 @@ ARCHIVE = ROOT / "benchmarks" / "results" / "h200-2026-11-27"
 
 
 def summary(folder: Path) -> str:
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_summary.py"), str(folder)],
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "gpu_summary.py"), str(folder)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
@@ -47,7 +47,7 @@ def test_imagenet_scale_dry_run_measures_every_term(tmp_path):
 
     data = data_dir()
     out = tmp_path / "scale.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_imagenet_scale.py"), "--dry-run", "--out",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed" / "bench_imagenet_scale.py"), "--dry-run", "--out",
                         str(out)], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "CHIP_EXT_DATA": str(data)})
     assert r.returncode == 0, r.stderr[-2000:]

@@ -134,7 +134,7 @@ def _stress():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "speed"))
     try:
         return importlib.import_module("thread_stress")
     finally:
@@ -142,7 +142,7 @@ def _stress():
 
 
 def test_threads_on_fresh_models_and_a_user_forward_loop(tmp_path):
-    """benchmarks/thread_stress.py at a size CI affords: 4 threads x 4 first-time explain/distill calls on
+    """benchmarks/speed/thread_stress.py at a size CI affords: 4 threads x 4 first-time explain/distill calls on
     fresh ResNet-18s, twice, while another thread runs a user forward loop. Before the fix, calls failed
     at random (NameError, SplitError, CURRENT_PATCHER) and ~94% of the user's forwards raised."""
     stress = _stress()

@@ -29,7 +29,7 @@ from ..distillation.solver import admm_lasso, lambda_max
 
 SCORES = ("logit", "prob")
 # region CHIP's λ / λ_max: the best mean insertion - deletion over blocks.4 and blocks.6 of EfficientNet-Lite0 on
-# the calibration half of the Imagenette val images, of 0.003, 0.01, 0.03, 0.1 (benchmarks/region_chip.py)
+# the calibration half of the Imagenette val images, of 0.003, 0.01, 0.03, 0.1 (benchmarks/quality/region_chip.py)
 REGION_LAM_RATIO = 0.03
 
 
