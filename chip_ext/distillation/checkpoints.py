@@ -16,6 +16,8 @@ import torch
 from . import distributed
 from ..kernels import ops
 from ..importance import atomic_save
+from .batches import images_of
+from .fingerprints import image_fingerprint
 
 CHECKPOINT_FORMAT = "chip_ext.distill.checkpoint"
 # 3: the first moments Σ f h z and Σ f h g (for fit_intercept) join the sums. 1-2 lack them.
@@ -266,3 +268,46 @@ class CheckpointedRun:
         so their files hold the same loader position."""
         due = time.monotonic() - last_save >= every
         return due if self.world == 1 else distributed.any_rank(due, self.comm_device)
+
+    def _check_first_image(self, x: Tensor, checkpoint) -> None:
+        """The loader's first image must be the one the checkpoint was written with: another loader,
+        order or preprocessing would add other images' sums to the old ones."""
+        fp = image_fingerprint(x[0])
+        if self.first_image is None:
+            self.first_image = fp
+        elif fp != self.first_image:
+            raise ValueError(f"the loader's first image is not the one checkpoint {checkpoint} was written with "
+                             "(another dataset, order, transform or batch layout): resume with the same loader, "
+                             "or pass another checkpoint path")
+
+    def check_finished_run(self, loader, checkpoint) -> None:
+        """A finished checkpoint is re-solved without reading the images; it must be the same run:
+        max_images and the dataset's length as recorded, and the loader's first image (read when the
+        loader has any: pass an empty list to re-solve from the sums alone)."""
+        recorded = self.recorded
+        if recorded.get("max_images") != self.max_images:
+            raise ValueError(f"checkpoint {checkpoint} is a finished run with max_images={recorded.get('max_images')}; "
+                             f"now max_images={self.max_images}. Pass the same max_images, or another checkpoint path "
+                             "for another run")
+        if None not in (recorded.get("loader_images"), self.loader_images) \
+                and recorded["loader_images"] != self.loader_images:
+            raise ValueError(f"checkpoint {checkpoint} was finished over a dataset of {recorded['loader_images']} images; "
+                             f"this loader's has {self.loader_images}: another dataset? Pass another checkpoint path")
+        counted = 0
+        for item_index, item in enumerate(loader):
+            x = images_of(item, item_index, allow_uint8=self.normalize is not None)
+            if x.shape[0] == 0:
+                continue
+            if counted == 0:
+                self._check_first_image(x, checkpoint)
+            if not isinstance(loader, (list, tuple)):
+                break  # only a list in memory is cheap to count
+            counted += x.shape[0]
+        if isinstance(loader, (list, tuple)) and counted:  # an empty list re-solves from the sums alone
+            if self.max_images is not None:
+                counted = min(counted, self.max_images)
+            if counted != self.position:
+                raise ValueError(f"checkpoint {checkpoint} is a finished run over {self.position} images; this "
+                                 f"loader has {counted}: another dataset? Pass another checkpoint path to distil "
+                                 "these images (or the same loader to re-solve the finished run)")
+

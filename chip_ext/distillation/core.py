@@ -29,7 +29,7 @@ from .paths import folder_problem
 from .fingerprints import cached_model_fingerprint, image_fingerprint, model_fingerprint  # noqa: F401  (re-exported)
 from .gates import GATE_STREAM
 from ..importance import Importance
-from ..explanation.maps import inference_view, split_on
+from .views import inference_view, split_on
 from .memory import default_memory_budget
 from .split import default_layer
 from .streaming import LayerState, Run, Stages, device_normalizer, images_of  # noqa: F401  (images_of re-exported)
@@ -276,7 +276,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         dependence on batch size: oneDNN/cuBLAS pick kernels by shape, ~3e-8 relative for the small CNN
         of tests/test_distillation.py).
     device: where to run (default: the model's device). The model itself is never moved or put in
-        eval mode: an eval-mode view of it runs (`maps.inference_view`; a copy of the weights on
+        eval mode: an eval-mode view of it runs (`views.inference_view`; a copy of the weights on
         another device), so other threads may keep using it.
     batch_size: images per step (default: the loader's batches). memory_budget: bytes of gated
         copies and the suffix's activations per suffix call (default 32 MiB on CPU, 1/8 of free GPU

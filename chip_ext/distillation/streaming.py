@@ -1,71 +1,30 @@
 """Streaming a loader into a distillation's sums: for every batch and layer, the prefix once, the
 gated copies (`ops.gate_pool`) through the suffix in memory-bounded calls, and the float64 sufficient
 statistics (`ops.gram_accumulate`); then the per-class Lasso on them. Checkpoints (`checkpoints.
-CheckpointedRun`) and torch.distributed ranks (`ranks.RankedRun`) are the run's other two sides.
+CheckpointedRun`), torch.distributed ranks (`ranks.RankedRun`) and the NaN/Inf checks read one batch late
+(`finite.FiniteChecks`) are the run's other sides; `batches` reads the loader's items.
 """
 from __future__ import annotations
 
 import contextlib
-
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import distributed
-from . import memory
 from ..kernels import ops
+from . import distributed, memory
+from .batches import device_normalizer, images_of  # noqa: F401  (re-exported)
 from .checkpoints import CheckpointedRun
 from .distributed import class_block
-from .fingerprints import image_fingerprint
+from .finite import FiniteChecks
 from .gates import default_sigma, proximity, sample_gates
-from ..explanation.maps import dtype_error
 from .memory import PeakMeter, fmt_bytes, suffix_pieces
 from .ranks import RankedRun
 from .solver import solve_sums, solver_report
-
-
-def images_of(batch: Any, position: int, allow_uint8: bool = False) -> Tensor:
-    """The image tensor [B, C, H, W] of one loader item: a tensor, a (images, ...) tuple/list, or a
-    dict with an "image" key. A single image [C, H, W] counts as a batch of one. allow_uint8: uint8
-    images too (distill's `normalize` turns them into floats on the device)."""
-    if isinstance(batch, Tensor):
-        x = batch
-    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        x = batch[0]
-    elif isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
-        x = batch["image"]
-    else:
-        raise TypeError(
-            f"loader item {position} is a {type(batch).__name__}; expected an image tensor [B, C, H, W], "
-            "a tuple/list whose first element is one, or a dict with an 'image' key")
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    if x.dim() != 4 or not (x.is_floating_point() or (allow_uint8 and x.dtype == torch.uint8)):
-        hint = "" if x.dtype != torch.uint8 or x.dim() != 4 else \
-            " (uint8 images: pass distill's normalize=(mean, std) to convert them on the device)"
-        raise TypeError(f"loader item {position} holds a {x.dim()}-D {x.dtype} tensor of shape "
-                        f"{list(x.shape)}; expected floating-point images [B, C, H, W]{hint}")
-    return x
-
-
-def device_normalizer(normalize, device: torch.device):
-    """normalize = (mean, std) per channel -> a function of images on the device: uint8 (0-255) or float
-    in [0, 1] -> (x - mean) / std in float32. None -> None."""
-    if normalize is None:
-        return None
-    mean = torch.tensor([float(m) for m in normalize[0]], device=device)[:, None, None]
-    std = torch.tensor([float(v) for v in normalize[1]], device=device)[:, None, None]
-
-    def apply(x: Tensor) -> Tensor:
-        if x.shape[1] != mean.shape[0]:
-            raise ValueError(f"normalize has {mean.shape[0]} channels but the images have {x.shape[1]}")
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        return (x - mean) / std
-    return apply
+from .views import dtype_error
 
 
 class Stages:
@@ -110,7 +69,7 @@ class LayerState:
         self.h_checked = False
         self.gates_checked = 0  # the largest batch whose gates were checked to fit in memory
 
-class Run(CheckpointedRun, RankedRun):
+class Run(CheckpointedRun, RankedRun, FiniteChecks):
     """The state of one distillation pass: accumulators, position, and the per-batch work.
 
     With torch.distributed (world > 1), rank r forwards the images whose global index is r mod world.
@@ -213,95 +172,6 @@ class Run(CheckpointedRun, RankedRun):
         if self.seen == 0:
             raise ValueError("the loader produced no images (empty loader, or all of them were "
                              "already in the checkpoint's sums)")
-
-    def _check_first_image(self, x: Tensor, checkpoint) -> None:
-        """The loader's first image must be the one the checkpoint was written with: another loader,
-        order or preprocessing would add other images' sums to the old ones."""
-        fp = image_fingerprint(x[0])
-        if self.first_image is None:
-            self.first_image = fp
-        elif fp != self.first_image:
-            raise ValueError(f"the loader's first image is not the one checkpoint {checkpoint} was written with "
-                             "(another dataset, order, transform or batch layout): resume with the same loader, "
-                             "or pass another checkpoint path")
-
-    def check_finished_run(self, loader, checkpoint) -> None:
-        """A finished checkpoint is re-solved without reading the images; it must be the same run:
-        max_images and the dataset's length as recorded, and the loader's first image (read when the
-        loader has any: pass an empty list to re-solve from the sums alone)."""
-        recorded = self.recorded
-        if recorded.get("max_images") != self.max_images:
-            raise ValueError(f"checkpoint {checkpoint} is a finished run with max_images={recorded.get('max_images')}; "
-                             f"now max_images={self.max_images}. Pass the same max_images, or another checkpoint path "
-                             "for another run")
-        if None not in (recorded.get("loader_images"), self.loader_images) \
-                and recorded["loader_images"] != self.loader_images:
-            raise ValueError(f"checkpoint {checkpoint} was finished over a dataset of {recorded['loader_images']} images; "
-                             f"this loader's has {self.loader_images}: another dataset? Pass another checkpoint path")
-        counted = 0
-        for item_index, item in enumerate(loader):
-            x = images_of(item, item_index, allow_uint8=self.normalize is not None)
-            if x.shape[0] == 0:
-                continue
-            if counted == 0:
-                self._check_first_image(x, checkpoint)
-            if not isinstance(loader, (list, tuple)):
-                break  # only a list in memory is cheap to count
-            counted += x.shape[0]
-        if isinstance(loader, (list, tuple)) and counted:  # an empty list re-solves from the sums alone
-            if self.max_images is not None:
-                counted = min(counted, self.max_images)
-            if counted != self.position:
-                raise ValueError(f"checkpoint {checkpoint} is a finished run over {self.position} images; this "
-                                 f"loader has {counted}: another dataset? Pass another checkpoint path to distil "
-                                 "these images (or the same loader to re-solve the finished run)")
-
-    def _check_finite(self, t: Tensor, what: str, indices: list[int]) -> None:
-        """Queues a NaN/Inf check of t: Tensor[B, ...] (one flag per image, no device sync);
-        _raise_nonfinite() tests every queued check with one sync per batch."""
-        self._checks.append((~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1), what, indices))
-
-    def _raise_nonfinite(self) -> None:
-        """Ends a batch's NaN/Inf checks. On the CPU they are tested now. On a GPU the batch's one flag
-        is copied to pinned host memory behind an event and read at the end of the next batch (or at a
-        checkpoint, or the end of the stream: `flush_nonfinite`), so the host never waits for the batch it
-        has just queued: no device sync per batch."""
-        checks, self._checks = self._checks, []
-        if not checks:
-            return
-        if self.device.type != "cuda":
-            self._raise_first_bad(checks)
-            return
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(torch.stack([bad.any() for bad, _, _ in checks]).any(), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        previous, self._pending = self._pending, (flag, event, checks)
-        if previous is not None:
-            self._read_pending(previous)
-
-    def flush_nonfinite(self) -> None:
-        """Reads the last batch's NaN/Inf flag (GPU): before a checkpoint is written and at the end."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            self._read_pending(pending)
-
-    def _read_pending(self, pending) -> None:
-        flag, event, checks = pending
-        event.synchronize()  # the batch that made the flag, not the ones queued after it
-        if bool(flag):
-            self._raise_first_bad(checks)
-
-    @staticmethod
-    def _raise_first_bad(checks) -> None:
-        if not bool(torch.stack([bad.any() for bad, _, _ in checks]).any()):
-            return
-        for bad, what, indices in checks:  # the first failing check, in the order they were made
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                raise FloatingPointError(f"NaN or Inf in {what} for image {indices[i]} (global index "
-                                         "in the loader's order); the run stops (a checkpoint holds the sums of "
-                                         "the images before it)")
 
     def _check_fits(self, need: int, what: str) -> None:
         """MemoryError before allocating `need` bytes that the device does not have free."""
