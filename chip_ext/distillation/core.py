@@ -313,31 +313,14 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
     """
     # ---- arguments: everything that could only fail at the end is checked before the first image
     layer_list = _checked_layers(model, layers)
-    _int_arg("num_perturbations", num_perturbations, 1)
-    if num_perturbations < 2:
-        raise ValueError("num_perturbations must be >= 2: it counts the unperturbed network, so N=1 perturbs "
-                         "nothing and there is nothing to fit W on; got 1")
-    _int_arg("max_iter", max_iter, 1)
-    _int_arg("seed", seed, None)
-    for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget), ("max_images", max_images)):
-        if value is not None:
-            _int_arg(name, value, 1)
-    _float_arg("tol", tol, positive=True)
-    _float_arg("checkpoint_every", checkpoint_every, positive=False)
-    _float_arg("max_drop", max_drop, positive=True, upper=1.0)  # 0 would switch no channel off
+    _check_numbers(num_perturbations, max_iter, seed, batch_size, memory_budget, max_images, tol, checkpoint_every,
+                   max_drop, rho, lam, lam_ratio)
+    _check_flags(fit_intercept=fit_intercept, positive=positive, shard_accumulators=shard_accumulators, fold=fold)
     autocast_dtype = _autocast_arg(autocast_dtype)
     normalize = _normalize_arg(normalize)
     sigma = _checked_sigma(sigma, layer_list)
-    for name, value, strict in (("sigma", None if isinstance(sigma, dict) else sigma, True), ("rho", rho, True),
-                                ("lam", lam, False), ("lam_ratio", lam_ratio, False)):
-        if value is not None:
-            _float_arg(name, value, positive=strict)
-    if lam is not None and lam_ratio is not None:
-        raise ValueError("give lam (absolute) or lam_ratio (fraction of each class's lambda_max), not both")
-    for flag, value in (("fit_intercept", fit_intercept), ("positive", positive),
-                        ("shard_accumulators", shard_accumulators), ("fold", fold)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag} must be True or False; got {value!r}")
+    if sigma is not None and not isinstance(sigma, dict):
+        _float_arg("sigma", sigma, positive=True)
     if lam is None and lam_ratio is None:
         lam_ratio = DEFAULT_LAM_RATIO
     classes = _checked_classes(classes)
@@ -358,14 +341,8 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         prefix, suffix = split_on(model, view, layer)  # traced once per model, not once per call
         states.append(LayerState(layer, prefix, suffix, fold))
 
-    config = {
-        "layers": layer_list, "classes": None if classes is None else [int(c) for c in classes],
-        "num_perturbations": num_perturbations, "sigma": sigma, "max_drop": max_drop,
-        "target": _target_name(target), "seed": int(seed), "model": cached_model_fingerprint(model),
-        "gates": GATE_STREAM, "autocast": None if autocast_dtype is None else str(autocast_dtype),
-    }
-    if normalize is not None:  # only when given: checkpoints written before the option still resume
-        config["normalize"] = [list(normalize[0]), list(normalize[1])]
+    config = _pass_config(model, layer_list, classes, num_perturbations, sigma, max_drop, target, seed,
+                          autocast_dtype, normalize)
     rank, world = distributed.rank_world()
     config["shard_accumulators"] = bool(shard_accumulators) and world > 1  # what the checkpoint sums mean
     dataset = getattr(loader, "dataset", None)
@@ -398,20 +375,68 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
 
     chosen = run.classes
     names = _names_of_chosen(class_names, chosen, run.num_outputs)
+    meta = _meta(config, run, states, stages, solver_meta, lams, resumed, world, device, layers_default=layers is None,
+                 lam=lam, lam_ratio=lam_ratio, rho=rho, max_iter=max_iter, tol=tol, fit_intercept=fit_intercept,
+                 positive=positive)
+    return Importance(weights, chosen, class_names=names, meta=meta,
+                      intercepts=intercepts if fit_intercept else None, feature_means=run.feature_means)
+
+
+def _check_numbers(num_perturbations, max_iter, seed, batch_size, memory_budget, max_images, tol, checkpoint_every,
+                   max_drop, rho, lam, lam_ratio) -> None:
+    """distill's numeric arguments, each named with its value when it is wrong."""
+    _int_arg("num_perturbations", num_perturbations, 1)
+    if num_perturbations < 2:
+        raise ValueError("num_perturbations must be >= 2: it counts the unperturbed network, so N=1 perturbs "
+                         "nothing and there is nothing to fit W on; got 1")
+    _int_arg("max_iter", max_iter, 1)
+    _int_arg("seed", seed, None)
+    for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget), ("max_images", max_images)):
+        if value is not None:
+            _int_arg(name, value, 1)
+    _float_arg("tol", tol, positive=True)
+    _float_arg("checkpoint_every", checkpoint_every, positive=False)
+    _float_arg("max_drop", max_drop, positive=True, upper=1.0)  # 0 would switch no channel off
+    for name, value, strict in (("rho", rho, True), ("lam", lam, False), ("lam_ratio", lam_ratio, False)):
+        if value is not None:
+            _float_arg(name, value, positive=strict)
+    if lam is not None and lam_ratio is not None:
+        raise ValueError("give lam (absolute) or lam_ratio (fraction of each class's lambda_max), not both")
+
+
+def _check_flags(**flags) -> None:
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False; got {value!r}")
+
+
+def _meta(config: dict, run: Run, states, stages: Stages, solver_meta: dict, lams, resumed: bool, world: int,
+          device: torch.device, layers_default: bool, **solve_args) -> dict:
+    """imp.meta: the run's configuration, the solve's arguments and report, and what the pass saw."""
     from .. import __version__
 
-    meta = {
-        **config,
-        "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter, "tol": tol,
-        "fit_intercept": fit_intercept, "positive": positive,
-        "lam_per_class": lams, "images_seen": run.seen, "perturbations_per_image": num_perturbations,
+    return {
+        **config, **solve_args,
+        "lam_per_class": lams, "images_seen": run.seen, "perturbations_per_image": config["num_perturbations"],
         "layer_shapes": {s.name: s.shape for s in states},
-        "layers_default": layers is None,  # True: the layer was chosen by chip_ext.split.default_layer
+        "layers_default": layers_default,  # True: the layer was chosen by chip_ext.split.default_layer
         "sigma_used": {s.name: s.sigma for s in states},
         "empty_classes": run.empty_classes, "solver": solver_meta, "resumed": resumed,
         "resumed_at_image": run.resumed_at, "world_size": world, "shard_accumulators": run.shard,
         "fold": {s.name: s.fold_reason for s in states},
         "timing_s": dict(stages.seconds), "device": str(device), "chip_ext_version": __version__,
     }
-    return Importance(weights, chosen, class_names=names, meta=meta,
-                      intercepts=intercepts if fit_intercept else None, feature_means=run.feature_means)
+
+
+def _pass_config(model: nn.Module, layer_list: list[str], classes, num_perturbations: int, sigma, max_drop: float,
+                 target, seed: int, autocast_dtype, normalize) -> dict:
+    """What makes a pass's sums what they are: a checkpoint resumes only under the same configuration."""
+    config = {
+        "layers": layer_list, "classes": None if classes is None else [int(c) for c in classes],
+        "num_perturbations": num_perturbations, "sigma": sigma, "max_drop": max_drop,
+        "target": _target_name(target), "seed": int(seed), "model": cached_model_fingerprint(model),
+        "gates": GATE_STREAM, "autocast": None if autocast_dtype is None else str(autocast_dtype),
+    }
+    if normalize is not None:  # only when given: checkpoints written before the option still resume
+        config["normalize"] = [list(normalize[0]), list(normalize[1])]
+    return config
