@@ -1,7 +1,8 @@
 """chip_ext: CHIP (Channel-wise Disentangled Interpretation) for PyTorch CNNs.
 
-Kernels (CPU and CUDA): `gate_pool` (channel gating fused with global average pooling) and
-`gram_accumulate` (class-weighted Gram accumulation in float64). See README.md and docs/.
+Kernels (CPU and CUDA): `gate_pool` (channel gating fused with global average pooling),
+`gram_accumulate` (class-weighted Gram accumulation in float64) and the gate stream (`sample_gates`). See
+README.md and docs/.
 """
 from ._extension import build_info
 from .explanation import baselines

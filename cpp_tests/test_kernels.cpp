@@ -94,6 +94,27 @@ void test_bad_input() {
          "gate_pool rejects a K mismatch with a clear message");
 }
 
+void test_sample_gates() {
+  // Images 7 and 10 (start 7, stride 3), N=3, K=6, max_drop 1, the stream of (seed 0, layer "layer4"):
+  // the bits below were written by chip_ext.distillation.gates.sample_gates_reference (PyTorch ops).
+  at::Tensor gates = at::empty({2, 3, 6}, at::kBool);
+  call("chip_ext::sample_gates", {gates, int64_t(7366126594270202220LL), int64_t(7), int64_t(3), 1.0});
+  const std::vector<int> want = {1, 1, 1, 1, 1, 1,  1, 1, 0, 0, 1, 0,  0, 0, 0, 1, 0, 0,
+                                 1, 1, 1, 1, 1, 1,  1, 1, 1, 0, 0, 1,  0, 0, 0, 0, 1, 0};
+  const bool* got = gates.const_data_ptr<bool>();
+  bool same = true;
+  for (size_t i = 0; i < want.size(); ++i) same = same && (got[i] == (want[i] == 1));
+  expect(same, "sample_gates draws the gate stream of the Python reference, bit for bit");
+  std::string message;
+  try {
+    call("chip_ext::sample_gates", {gates, int64_t(0), int64_t(0), int64_t(1), 2.0});
+  } catch (const c10::Error& e) {
+    message = e.what_without_backtrace();
+  }
+  expect(message.find("max_drop must be in [0, 1]; got 2") != std::string::npos,
+         "sample_gates rejects max_drop outside [0, 1] with a clear message");
+}
+
 }  // namespace
 
 int main() {
@@ -101,6 +122,7 @@ int main() {
   test_gate_pool(true);
   test_gram();
   test_bad_input();
+  test_sample_gates();
   std::printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -173,4 +173,15 @@ std::tuple<at::Tensor, at::Tensor> new_gate_pool_outputs(const at::Tensor& A, La
   return {gated, z};
 }
 
+void check_sample_gates_inputs(const at::Tensor& gates, int64_t stride, double max_drop) {
+  check_dim(gates, "gates", 3, "[B, N, K]");
+  check_dtype(gates, "gates", at::kBool);
+  TORCH_CHECK_VALUE(gates.is_contiguous(), "gates is filled in place and must be contiguous; got strides ",
+                    gates.strides());
+  TORCH_CHECK_VALUE(gates.size(1) >= 1 && gates.size(2) >= 1, "gates must be [B, N, K] with N >= 1 and K >= 1; got ",
+                    shape_str(gates));
+  TORCH_CHECK_VALUE(stride >= 1, "stride (between the images' global indices) must be >= 1; got ", stride);
+  TORCH_CHECK_VALUE(max_drop >= 0.0 && max_drop <= 1.0, "max_drop must be in [0, 1]; got ", max_drop);
+}
+
 }  // namespace chip_ext

@@ -1,13 +1,15 @@
 // chip_ext kernels: declarations shared by the registration, the CPU and the CUDA implementations.
 //
-// Two operators (DESIGN.md §1, §3):
+// Three operators (DESIGN.md §1, §3):
 //   gate_pool(A [B,K,H,W], gates [B,N,K]) -> (gated [B*N,K,H,W], z [B,N,K] float32)
 //   gram_accumulate(G [C,K(K+1)/2] f64!, b [C,K] f64!, y [C] f64!, n [C] f64!, zs [C,K] f64!,
 //                   gs [C] f64!, a [B,K], gates [B,N,K], h [B,N], f [B,C], g [B,N,C]) -> ()
+//   sample_gates(gates [B,N,K] bool!, base, start, stride, max_drop) -> ()   (the gate stream, gates.py)
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -43,6 +45,46 @@ CHIP_EXT_HD inline int64_t packed_index(int64_t i, int64_t j, int64_t K) {
   return i * K - i * (i - 1) / 2 + (j - i);
 }
 
+// ---- the gate stream (chip_ext/distillation/gates.py, GATE_STREAM "mix32-v2"): the same bits on every device ----
+
+CHIP_EXT_HD inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+// lowbias32 (C. Wellons), a bijection of 32-bit words.
+CHIP_EXT_HD inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352DU;
+  x ^= x >> 15;
+  x *= 0x846CA68BU;
+  return x ^ (x >> 16);
+}
+
+// Row n >= 1 of the image with global index `index`: its row key w and how many channels are off.
+struct GateRow {
+  uint32_t key;
+  int64_t n_off;
+};
+
+CHIP_EXT_HD inline GateRow gate_row(uint64_t base, int64_t index, int64_t n, int64_t K, double max_drop) {
+  const uint64_t seed = splitmix64(base ^ static_cast<uint64_t>(index)) >> 1;  // image_seed
+  const uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(seed >> 32);
+  const uint32_t w = mix32(mix32(lo ^ mix32(static_cast<uint32_t>(n))) ^ hi);
+  const double r = static_cast<double>(mix32(w ^ 0x9E3779B9U)) * (max_drop / 4294967296.0);
+  return {w, static_cast<int64_t>(rint(r * static_cast<double>(K)))};  // round half to even, as torch.round
+}
+
+// Channel k's key in a row: the round(rK) smallest keys are off. Distinct within a row (mix32 is a
+// bijection), so the order needs no tie-break.
+CHIP_EXT_HD inline uint32_t channel_key(uint32_t w, int64_t k) {
+  return mix32(w ^ mix32(static_cast<uint32_t>(k) + 0x85EBCA6BU));
+}
+
+void check_sample_gates_inputs(const at::Tensor& gates, int64_t stride, double max_drop);
+
 // ---- debugging aid for tests: fill freshly allocated outputs with NaN before the kernel writes ----
 // With it on, any output element a kernel forgets to write is NaN, which the tests detect.
 bool poison_outputs();
@@ -66,6 +108,7 @@ void gram_accumulate_cpu(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tensor
                          at::Tensor& zs, at::Tensor& gs, const at::Tensor& a,
                          const at::Tensor& gates, const at::Tensor& h, const at::Tensor& f,
                          const at::Tensor& g);
+void sample_gates_cpu(at::Tensor& gates, int64_t base, int64_t start, int64_t stride, double max_drop);
 
 #ifdef CHIP_EXT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> gate_pool_cuda(const at::Tensor& A, const at::Tensor& gates);
@@ -73,6 +116,7 @@ void gram_accumulate_cuda(at::Tensor& G, at::Tensor& b, at::Tensor& y, at::Tenso
                           at::Tensor& zs, at::Tensor& gs, const at::Tensor& a,
                           const at::Tensor& gates, const at::Tensor& h, const at::Tensor& f,
                           const at::Tensor& g);
+void sample_gates_cuda(at::Tensor& gates, int64_t base, int64_t start, int64_t stride, double max_drop);
 #endif
 
 // Byte budget for the temporaries of gram_accumulate (M_s chunks, partial products).

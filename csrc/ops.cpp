@@ -20,4 +20,9 @@ TORCH_LIBRARY(chip_ext, m) {
   m.def(
       "gram_accumulate(Tensor(a!) G, Tensor(b!) b, Tensor(c!) y, Tensor(d!) n, Tensor(e!) zs, "
       "Tensor(f!) gs, Tensor a, Tensor gates, Tensor h, Tensor f, Tensor g) -> ()");
+  // Fills gates [B, N, K] bool with the gate stream of the images start, start + stride, ... :
+  // row 0 all ones; row n >= 1 switches off round(r K) channels, r = max_drop * u, the ones with the
+  // smallest channel keys (chip_ext.distillation.gates.sample_gates, bit for bit). base: the 64-bit
+  // key of (seed, layer) as a signed int.
+  m.def("sample_gates(Tensor(a!) gates, int base, int start, int stride, float max_drop) -> ()");
 }

@@ -95,3 +95,76 @@ def test_gates_match_the_documented_stream(device):
 def test_gates_identical_on_cpu_and_gpu_at_real_sizes():
     cpu = sample_gates(range(40, 72), 100, 2048, seed=3, layer="layer4")
     assert torch.equal(sample_gates(range(40, 72), 100, 2048, seed=3, layer="layer4", device="cuda").cpu(), cpu)
+
+
+# ---- the sample_gates kernel (csrc/cpu/gates.cpp, csrc/cuda/gates.cu) against the PyTorch reference ----
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from chip_ext.distillation.gates import _progression, sample_gates_reference, stream_base  # noqa: E402
+from chip_ext.kernels import ops  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 5), N=st.integers(1, 12), K=st.integers(1, 300), max_drop=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**64 - 1), layer=st.text(max_size=12), start=st.integers(0, 2**62),
+       stride=st.integers(1, 64))
+def test_kernel_is_the_reference_bit_for_bit(B, N, K, max_drop, seed, layer, start, stride):
+    idx = [start + i * stride for i in range(B)]
+    gates = torch.empty(B, N, K, dtype=torch.bool)
+    ops.sample_gates_into(gates, stream_base(seed, layer), start, stride, max_drop)
+    assert torch.equal(gates, sample_gates_reference(idx, N, K, seed=seed, layer=layer, max_drop=max_drop))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_kernel_at_real_sizes_and_the_documented_stream(device):
+    """Consecutive indices (a loader's batch) take the kernel; it equals the reference at distill's sizes
+    and the pure-Python stream on a few rows."""
+    idx = list(range(1000, 1016))
+    assert _progression(idx) == (1000, 1)
+    got = sample_gates(idx, 100, 1280, seed=2, layer="bn2", device=device).cpu()
+    assert torch.equal(got, sample_gates_reference(idx, 100, 1280, seed=2, layer="bn2"))
+    small = sample_gates([5, 9, 13], 7, 29, seed=4, layer="layer4", max_drop=0.9, device=device).cpu()
+    for row, index in enumerate([5, 9, 13]):
+        assert small[row].tolist() == py_gates(index, 7, 29, 4, "layer4", 0.9)
+
+
+def test_which_indices_take_the_kernel():
+    assert _progression([3]) == (3, 1) and _progression([0, 8, 16]) == (0, 8)
+    assert _progression([]) is None and _progression([0, 2, 3]) is None and _progression([5, 4]) is None
+    assert _progression([1, 1]) is None  # a repeated index is no progression (the reference draws it twice)
+    assert torch.equal(sample_gates([4, 4], 5, 9), sample_gates_reference([4, 4], 5, 9))
+
+
+def test_kernel_bad_arguments_name_what_was_expected():
+    with pytest.raises(TypeError, match="gates must be Bool"):
+        ops.sample_gates_into(torch.empty(2, 3, 4), 0, 0, 1, 0.5)
+    with pytest.raises(ValueError, match=r"gates must be a 3-D tensor \[B, N, K\]; got shape \[2, 3\]"):
+        ops.sample_gates_into(torch.empty(2, 3, dtype=torch.bool), 0, 0, 1, 0.5)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        ops.sample_gates_into(torch.empty(4, 3, 2, dtype=torch.bool).transpose(0, 2), 0, 0, 1, 0.5)
+    with pytest.raises(ValueError, match="stride .* must be >= 1; got 0"):
+        ops.sample_gates_into(torch.empty(2, 3, 4, dtype=torch.bool), 0, 0, 0, 0.5)
+    with pytest.raises(ValueError, match=r"max_drop must be in \[0, 1\]; got 1.5"):
+        ops.sample_gates_into(torch.empty(2, 3, 4, dtype=torch.bool), 0, 0, 1, 1.5)
+
+
+def test_kernel_under_torch_compile():
+    base = stream_base(1, "x")  # host-side hashing of the layer name stays outside the graph
+
+    def draw(g):
+        return ops.sample_gates_into(g, base, 10, 2, 0.5)
+
+    compiled = torch.compile(draw, backend="aot_eager", fullgraph=True)
+    got = compiled(torch.empty(3, 6, 50, dtype=torch.bool))
+    assert torch.equal(got, sample_gates_reference([10, 12, 14], 6, 50, seed=1, layer="x"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_kernel_identical_on_cpu_and_gpu_strided_and_wide():
+    """Under torch.distributed a rank draws every world-th image: the stride path, and K beyond one block."""
+    idx = list(range(3, 3 + 8 * 64, 8))
+    cpu = sample_gates_reference(idx, 100, 4096, seed=7, layer="features.29")
+    assert torch.equal(sample_gates(idx, 100, 4096, seed=7, layer="features.29", device="cuda").cpu(), cpu)

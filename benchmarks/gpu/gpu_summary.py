@@ -98,8 +98,10 @@ def main(out_dir: str) -> int:
                              f"{r['impls']['chip_ext.gram_accumulate']['GFLOP_per_s']:.0f} GFLOP/s = {frac:.0%} "
                              f"of fp32 GEMM; err {err:.0e}", "goal >= 50%: " + ("met" if frac >= 0.5 else "NOT met")))
             elif r["op"] == "sample_gates":
+                ref = r["impls"].get("pytorch_ops_reference")  # runs before the kernel have none
                 rows.append((f"sample_gates K={s['K']} N={s['N']}",
-                             f"{r['impls']['chip_ext.sample_gates']['ms_per_image']:.3f} ms/image", ""))
+                             f"{r['impls']['chip_ext.sample_gates']['ms_per_image']:.3f} ms/image"
+                             + (f" (PyTorch ops {ref['ms_per_image']:.3f})" if ref else ""), ""))
     sol = newest("bench_solver")
     if sol is None or "synthetic" not in sol:
         rows.append(("bench_solver", "no file" if sol is None else "no synthetic run in the file", ""))

@@ -198,13 +198,16 @@ def bench_gram(device, B, N, K, C, repeat, use_compile) -> dict:
 
 def bench_gates(device, B, N, K, repeat) -> dict:
     """sample_gates on the device (the gate stream is hashed there): the cost per image, which
-    must stay far below the suffix's cost per image for the GPU to be the bottleneck."""
-    from chip_ext.gates import sample_gates
+    must stay far below the suffix's cost per image for the GPU to be the bottleneck. The kernel
+    (a loader's consecutive indices) against the same bits in PyTorch ops (`sample_gates_reference`)."""
+    from chip_ext.distillation.gates import sample_gates, sample_gates_reference
 
-    t = timeit(lambda: sample_gates(range(1000, 1000 + B), N, K, seed=0, layer="layer4", device=device),
-               device, repeat)
-    t["ms_per_image"] = t["median_s"] / B * 1e3
-    return {"op": "sample_gates", "shape": dict(B=B, N=N, K=K), "impls": {"chip_ext.sample_gates": t}}
+    impls = {}
+    for name, fn in (("chip_ext.sample_gates", sample_gates), ("pytorch_ops_reference", sample_gates_reference)):
+        t = timeit(lambda: fn(range(1000, 1000 + B), N, K, seed=0, layer="layer4", device=device), device, repeat)
+        t["ms_per_image"] = t["median_s"] / B * 1e3
+        impls[name] = t
+    return {"op": "sample_gates", "shape": dict(B=B, N=N, K=K), "impls": impls}
 
 
 # ------------------------------------------------------------------------------------ main

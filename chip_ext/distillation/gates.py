@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..kernels import ops
 from .fingerprints import image_fingerprint
 
 _MASK64 = (1 << 64) - 1
@@ -31,9 +32,14 @@ def layer_key(layer: str) -> int:
     return zlib.crc32(layer.encode("utf-8"))
 
 
+def stream_base(seed: int, layer: str) -> int:
+    """The 64-bit key of one (seed, layer) gate stream; image_seed hashes it with the image's index."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ layer_key(layer))
+
+
 def image_seed(seed: int, layer: str, index: int) -> int:
     """The 63-bit seed of one image's gates: a hash of (seed, layer, global image index)."""
-    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ layer_key(layer)) ^ index) >> 1
+    return _splitmix64(stream_base(seed, layer) ^ index) >> 1
 
 
 def content_keys(images: Tensor) -> list[int]:
@@ -63,6 +69,25 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def _progression(idx: list[int]) -> tuple[int, int] | None:
+    """(start, stride) when the indices are start, start + stride, ... (stride >= 1), else None."""
+    if not idx:
+        return None
+    stride = idx[1] - idx[0] if len(idx) > 1 else 1
+    if stride < 1 or any(b - a != stride for a, b in zip(idx, idx[1:])):
+        return None
+    return idx[0], stride
+
+
+def _check_gate_args(num_perturbations: int, K: int, max_drop: float) -> None:
+    if num_perturbations < 1:
+        raise ValueError(f"num_perturbations must be >= 1; got {num_perturbations}")
+    if not 0.0 <= max_drop <= 1.0:
+        raise ValueError(f"max_drop must be in [0, 1]; got {max_drop}")
+    if K < 1:
+        raise ValueError(f"K must be >= 1; got {K}")
+
+
 def sample_gates(indices: Sequence[int] | Tensor, num_perturbations: int, K: int, *, seed: int = 0,
                  layer: str = "", max_drop: float = 0.5, device: str | torch.device | None = None) -> Tensor:
     """Gates for the images with these global indices -> Tensor[B, N, K] bool on `device` (row 0 all
@@ -72,13 +97,27 @@ def sample_gates(indices: Sequence[int] | Tensor, num_perturbations: int, K: int
     seed (lo, hi words); drop fraction r = max_drop * mix32(w ^ 0x9E3779B9) / 2^32; channel keys
     mix32(w ^ mix32(k + 0x85EBCA6B)), ties broken by k; the round(rK) channels with the smallest
     keys are off (a uniformly random subset of that size).
+
+    Indices in an arithmetic progression (a loader's batch: consecutive, or every world-th image under
+    torch.distributed) run the `sample_gates` kernel on the device, one pass with nothing uploaded; any
+    other list runs `sample_gates_reference` (the same bits, in PyTorch ops).
     """
-    if num_perturbations < 1:
-        raise ValueError(f"num_perturbations must be >= 1; got {num_perturbations}")
-    if not 0.0 <= max_drop <= 1.0:
-        raise ValueError(f"max_drop must be in [0, 1]; got {max_drop}")
-    if K < 1:
-        raise ValueError(f"K must be >= 1; got {K}")
+    _check_gate_args(num_perturbations, K, max_drop)
+    idx = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    run = _progression(idx)
+    if run is None or min(idx) < 0 or device.type not in ("cpu", "cuda"):
+        return sample_gates_reference(idx, num_perturbations, K, seed=seed, layer=layer, max_drop=max_drop,
+                                      device=device)
+    gates = torch.empty(len(idx), num_perturbations, K, dtype=torch.bool, device=device)
+    return ops.sample_gates_into(gates, stream_base(seed, layer), run[0], run[1], max_drop)
+
+
+def sample_gates_reference(indices: Sequence[int] | Tensor, num_perturbations: int, K: int, *, seed: int = 0,
+                           layer: str = "", max_drop: float = 0.5,
+                           device: str | torch.device | None = None) -> Tensor:
+    """`sample_gates` in PyTorch ops (any indices, any device): the reference the kernel is tested against."""
+    _check_gate_args(num_perturbations, K, max_drop)
     idx = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
     device = torch.device(device) if device is not None else torch.device("cpu")
     N, B = num_perturbations, len(idx)

@@ -1,6 +1,6 @@
-"""The two CHIP kernels as Python functions, and their fake (meta) kernels for torch.compile.
+"""The CHIP kernels as Python functions, and their fake (meta) kernels for torch.compile.
 
-Both are `torch.ops.chip_ext.*` operators registered by the compiled library (csrc/), with a CPU
+All are `torch.ops.chip_ext.*` operators registered by the compiled library (csrc/), with a CPU
 and (when built with CUDA) a CUDA implementation; the dispatcher picks by the tensors' device.
 """
 from __future__ import annotations
@@ -51,6 +51,18 @@ def gram_accumulate(G: Tensor, b: Tensor, y: Tensor, n: Tensor, zs: Tensor, gs: 
     The accumulators must be contiguous float64 tensors on the inputs' device.
     """
     torch.ops.chip_ext.gram_accumulate(G, b, y, n, zs, gs, a, gates, h, f, g)
+
+
+def sample_gates_into(gates: Tensor, base: int, start: int, stride: int, max_drop: float) -> Tensor:
+    """Fills gates: Tensor[B, N, K] bool (contiguous, on any device) in place with the gate stream of the
+    images with global indices start, start + stride, ..., start + (B-1) stride, and returns it: row 0 all
+    ones; row n >= 1 with round(r K) channels off, r = max_drop * u (the bits of
+    `chip_ext.distillation.gates.sample_gates`, computed where gates lives: nothing comes from the host).
+    base: the 64-bit key of (seed, layer), `gates.stream_base`."""
+    base = int(base) & 0xFFFFFFFFFFFFFFFF
+    torch.ops.chip_ext.sample_gates(gates, base - (1 << 64) if base >= 1 << 63 else base, int(start), int(stride),
+                                    float(max_drop))
+    return gates
 
 
 class Accumulators(NamedTuple):
@@ -125,4 +137,11 @@ def _gram_accumulate_fake(G: Tensor, b: Tensor, y: Tensor, n: Tensor, zs: Tensor
                  lambda: f"G must be [C, K(K+1)/2] = [{C}, {K * (K + 1) // 2}]; got {list(G.shape)}")
     torch._check(tuple(zs.shape) == (C, K) and tuple(gs.shape) == (C,),
                  lambda: f"zs must be [C, K] = [{C}, {K}] and gs [C]; got {list(zs.shape)}, {list(gs.shape)}")
+    return None
+
+
+@torch.library.register_fake("chip_ext::sample_gates")
+def _sample_gates_fake(gates: Tensor, base: int, start: int, stride: int, max_drop: float) -> None:
+    torch._check(gates.dim() == 3, lambda: f"gates must be a 3-D tensor [B, N, K]; got {list(gates.shape)}")
+    torch._check(gates.dtype == torch.bool, lambda: f"gates must be torch.bool; got {gates.dtype}")
     return None
