@@ -847,3 +847,54 @@ def test_uint8_images_normalised_on_the_device():
             chip_ext.distill(SmallCNN(), raw, "relu2", normalize=bad, **kw)
     with pytest.raises(ValueError, match="normalize has 1 channels but the images have 3"):
         chip_ext.distill(SmallCNN(), raw, "relu2", normalize=((0.5,), (0.5,)), **kw)
+
+
+# ---- gram_accumulate once per many images (buffer.py) ----
+
+def test_statistics_held_for_one_gram_call_give_the_same_sums(monkeypatch, tmp_path):
+    """Many batches' statistics go to gram_accumulate in one call (G read and written once), with the
+    same sums as one call per batch; a checkpoint written mid-stream holds every image before it."""
+    from chip_ext.distillation import buffer
+    from chip_ext.kernels import ops
+
+    calls = []
+    real = ops.gram_accumulate
+    monkeypatch.setattr(ops, "gram_accumulate", lambda *a: (calls.append(a[6].shape[0]), real(*a))[1])
+    model, data = InvariantCNN(), batches(n_batches=6, B=3)
+    kw = dict(layers=["relu1", "relu2"], num_perturbations=8, progress=False, lam_ratio=0.01)
+    held = chip_ext.distill(model, data, **kw)
+    assert sorted(calls) == [18, 18]  # one call per layer for the 18 images
+
+    calls.clear()
+    monkeypatch.setattr(buffer, "GRAM_IMAGES_MAX", 1)
+    each = chip_ext.distill(model, data, **kw)
+    assert calls == [3] * 12  # one call per batch and layer
+    for layer in kw["layers"]:
+        torch.testing.assert_close(held.weights[layer], each.weights[layer], rtol=0, atol=1e-6)
+
+    calls.clear()
+    monkeypatch.setattr(buffer, "GRAM_IMAGES_MAX", 4)  # a call every 2 batches (6 images), the rest at the end
+    ck = tmp_path / "run.ckpt"
+
+    def interrupted():  # the process dies after 3 batches
+        yield from data[:3]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        chip_ext.distill(model, interrupted(), checkpoint=ck, checkpoint_every=0.0, **kw)  # a save every batch
+    assert calls == [3] * 6  # each save adds the held images first: the checkpoint holds 9 images
+    calls.clear()
+    resumed = chip_ext.distill(model, data, checkpoint=ck, checkpoint_every=3600.0, **kw)
+    assert resumed.meta["resumed_at_image"] == 9
+    assert calls == [6, 6, 3, 3]  # per layer: batches 4-5 once 4 images are in, batch 6 at the end
+    for layer in kw["layers"]:
+        torch.testing.assert_close(resumed.weights[layer], each.weights[layer], rtol=0, atol=1e-6)
+
+
+def test_gram_limit_counts_the_statistics_bytes():
+    from chip_ext.distillation.buffer import GRAM_IMAGES_MAX, gram_limit
+
+    per_image = 4 * (512 + 100 + 1000 + 100 * 1000) + 100 * 512  # a, h, f, g float32 + gates bool
+    assert gram_limit(512, 100, 1000, 64 * per_image) == 64
+    assert gram_limit(512, 100, 1000, 1) == 1
+    assert gram_limit(512, 100, 1000, 1 << 40) == GRAM_IMAGES_MAX

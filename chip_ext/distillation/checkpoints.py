@@ -212,9 +212,10 @@ class CheckpointedRun:
         }
 
     def save(self, path) -> None:
-        flush = getattr(self, "flush_nonfinite", None)
-        if flush is not None:  # a GPU batch's NaN/Inf flag is read late: never save sums it would refuse
-            flush()
+        for name in ("flush_gram", "flush_nonfinite"):  # held statistics into the sums; a GPU batch's NaN/Inf
+            flush = getattr(self, name, None)  # flag is read late: never save sums it would refuse
+            if flush is not None:
+                flush()
         write_checkpoint(self._state(), Path(path), self.rank, self.world)
 
     def _load(self, path: Path) -> None:

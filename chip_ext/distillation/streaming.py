@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..kernels import ops
 from . import distributed, memory
 from .batches import device_normalizer, images_of  # noqa: F401  (re-exported)
+from .buffer import GramBuffer, gram_limit
 from .checkpoints import CheckpointedRun
 from .distributed import class_block
 from .finite import FiniteChecks
@@ -68,6 +69,8 @@ class LayerState:
         self.copy_bytes: int | None = None  # memory one gated copy takes through the suffix (estimate)
         self.h_checked = False
         self.gates_checked = 0  # the largest batch whose gates were checked to fit in memory
+        self.pending = GramBuffer()  # statistics of images not yet added to acc (buffer.py)
+        self.gram_images: int | None = None  # images per gram_accumulate call (buffer.gram_limit)
 
 class Run(CheckpointedRun, RankedRun, FiniteChecks):
     """The state of one distillation pass: accumulators, position, and the per-batch work.
@@ -160,6 +163,7 @@ class Run(CheckpointedRun, RankedRun, FiniteChecks):
                     last_save = time.monotonic()
                 if max_images is not None and position >= max_images:
                     break
+            self.flush_gram()
             self.flush_nonfinite()
         finally:
             bar.close()
@@ -371,14 +375,24 @@ class Run(CheckpointedRun, RankedRun, FiniteChecks):
         return a, gates, h, f.contiguous(), g
 
     def process(self, x: Tensor, indices: list[int]) -> None:
-        """Adds the images x (global indices `indices`) to every layer's sums."""
+        """Adds the images x (global indices `indices`) to every layer's sums: their statistics are held
+        until gram_images are in (`flush_gram` adds the rest; a checkpoint flushes first)."""
         x = self.to_device(x)
         for s in self.states:
-            a, gates, h, f, g = self._statistics(s, x, indices)
+            stats = self._statistics(s, x, indices)
             self._allocate(s)
+            if s.gram_images is None:
+                s.gram_images = gram_limit(s.shape[0], self.N, len(self.classes), self.memory_budget)
             with self.stages("accumulate"):
-                ops.gram_accumulate(*s.acc, a, gates, h, f, g)
+                s.pending.add(s.acc, stats, s.gram_images)
         self._raise_nonfinite()  # read one batch late on a GPU: no device sync per batch
+
+    def flush_gram(self) -> None:
+        """Adds every held image's statistics to the sums: before a checkpoint is written and at the end."""
+        for s in self.states:
+            if s.pending.images:
+                with self.stages("accumulate"):
+                    s.pending.flush(s.acc)
 
     # ---------------------------------------------------------------- solve
 
