@@ -31,7 +31,8 @@ import quality_common as qc  # noqa: E402
 from chip_ext import evaluation  # noqa: E402
 from chip_ext.evaluation import stats  # noqa: E402
 
-LAYERS = ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"]
+LAYERS = ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"]  # the default run
+ORDER = ["blocks.2"] + LAYERS  # every layer a run may add (blocks.2: pass "ilsvrc_b2"), in depth order
 PEERS = ["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "eigencam"]
 CLASS_DISCRIMINATIVE = ["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam"]
 MULTI = ["fused", "refined", "refinecam", "refinecam_gradcam", "layercam_multi", "gradcam_multi", "center"]
@@ -111,7 +112,7 @@ def _ci(r: dict) -> str:
 def markdown(record: dict) -> str:
     """The results page's tables: MaxBoxAcc [95% CI] on the evaluation half per method and layer, the
     multi-layer maps, and deletion / insertion where measured."""
-    layers = [l for l in LAYERS if l in record["layers"]]
+    layers = [l for l in ORDER if l in record["layers"]]
     names = list(dict.fromkeys(n for l in layers for n in record["layers"][l]))
     lines = ["| MaxBoxAcc [95% CI] | " + " | ".join(f"`{l}`" for l in layers) + " |", "|---" * (len(layers) + 1) + "|"]
     for n in names:

@@ -70,7 +70,43 @@ PASSES: dict[str, dict] = {
     # the same at N=100 on the fused layers (does more perturbations of the one image a class help?)
     "ilsvrc_n100": {"layers": ["blocks.5", "blocks.6", "bn2"], "per_class": None, "num_perturbations": 100,
                     "root": "imagenet/train-one-per-class"},
+    # blocks.2 for the ILSVRC layer sweep (its suffix is nearly the whole network: a pass of its own)
+    "ilsvrc_b2": {"layers": ["blocks.2"], "per_class": None, "num_perturbations": 32,
+                  "root": "imagenet/train-one-per-class"},
+    # the one image a class and two views of it (its mirror image, its central 80% zoomed to 224), N=32 each:
+    # 96 gated networks a class, the cost of ilsvrc_n100's 100 -- do views beat more gates of one view?
+    "ilsvrc_views": {"layers": ["blocks.5", "blocks.6", "bn2"], "per_class": None, "num_perturbations": 32,
+                     "root": "imagenet/train-one-per-class", "views": ["flip", "crop"]},
 }
+
+
+class Views(torch.utils.data.Dataset):
+    """Every item of `dataset` ((image [3, H, W], label)) followed by its views: "flip" (mirrored left to
+    right) and "crop" (the central `crop` fraction, resized back to H x W, bilinear)."""
+
+    def __init__(self, dataset, views: list[str], crop: float = 0.8):
+        bad = [v for v in views if v not in ("flip", "crop")]
+        if bad:
+            raise ValueError(f"views: unknown {bad}; choose from flip, crop")
+        self.dataset, self.views, self.crop = dataset, list(views), crop
+        self.classes = dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.dataset) * (1 + len(self.views))
+
+    def __getitem__(self, i: int):
+        item, view = divmod(i, 1 + len(self.views))
+        x, label = self.dataset[item]
+        if view == 0:
+            return x, label
+        if self.views[view - 1] == "flip":
+            return x.flip(-1), label
+        H, W = x.shape[-2:]
+        h, w = round(H * self.crop), round(W * self.crop)
+        top, left = (H - h) // 2, (W - w) // 2
+        zoom = torch.nn.functional.interpolate(x[None, :, top:top + h, left:left + w], size=(H, W),
+                                               mode="bilinear", align_corners=False)
+        return zoom[0], label
 
 
 def bernoulli_gates(p: float):
@@ -116,6 +152,7 @@ def _distill_kwargs(model, tag: str) -> tuple[dict, data.ImageNetTrain | None]:
     per_class = spec.pop("per_class")
     spec.pop("bernoulli_p", None)  # not a distill argument (see distill_pass)
     spec.pop("root", None)  # the train folder (train_root)
+    spec.pop("views", None)  # extra views of each train image (distill_pass)
     scale = spec.pop("sigma_scale", None)
     if scale is not None:  # σ = scale * √(K/4) per layer
         from chip_ext.gates import default_sigma
@@ -141,6 +178,8 @@ def distill_pass(tag: str, *, progress: bool = True) -> Path:
     model, pre = load_model()
     spec, per_class = _distill_kwargs(model, tag)
     ds = data.ImageNetTrain(train_root(tag), pre, per_class=per_class)
+    if PASSES[tag].get("views"):
+        ds = Views(ds, PASSES[tag]["views"])
     WORK.mkdir(parents=True, exist_ok=True)
     ck = WORK / f"{tag}.ckpt"
     t0 = time.perf_counter()
