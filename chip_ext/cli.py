@@ -251,6 +251,7 @@ def _distill(args: argparse.Namespace) -> int:
                   device=args.device, checkpoint=args.checkpoint, class_names=names,
                   checkpoint_every=args.checkpoint_every, shard_accumulators=args.shard_accumulators,
                   fit_intercept=args.fit_intercept, positive=args.positive, max_iter=args.max_iter, tol=args.tol,
+                  channels_last=args.channels_last,
                   target=args.target, lam=args.lam, sigma=args.sigma, max_drop=args.max_drop,
                   autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast],
                   progress=not args.quiet)
@@ -461,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an unpenalised intercept per class in the Lasso (scikit-learn's fit_intercept; "
                     "default on, --no-fit-intercept for the paper's Lasso without one)")
     di.add_argument("--positive", action="store_true", help="non-negative channel weights (scikit-learn's positive)")
+    di.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="images into the network in channels_last (NHWC) memory format (default on; faster convolutions, "
+                    "same sums up to float rounding)")
     di.add_argument("--max-iter", type=_int_at_least(1), default=1000, help="ADMM iterations per class at most (1000)")
     di.add_argument("--tol", type=_float_in(0.0, strict=True), default=1e-7, help="ADMM relative tolerance (1e-7)")
     di.add_argument("--seed", type=int, default=0, help="seed of the gates (with each image's index)")

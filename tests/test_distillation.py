@@ -898,3 +898,47 @@ def test_gram_limit_counts_the_statistics_bytes():
     assert gram_limit(512, 100, 1000, 64 * per_image) == 64
     assert gram_limit(512, 100, 1000, 1) == 1
     assert gram_limit(512, 100, 1000, 1 << 40) == GRAM_IMAGES_MAX
+
+
+# ---- channels_last images (the model unchanged) ----
+
+class FlattensItsInput(nn.Module):
+    """x.view(B, -1) of the images: fails on channels_last images (the stride pattern), fine on NCHW."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = x.view(x.shape[0], -1).view(x.shape[0], 3, 8, 8)
+        return self.fc(self.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_channels_last_gives_the_sums_of_nchw_up_to_rounding():
+    data = batches(n_batches=3, B=4)
+    kw = dict(layers=["relu1", "relu2"], num_perturbations=8, progress=False)
+    nhwc = chip_ext.distill(SmallCNN(), data, **kw)
+    nchw = chip_ext.distill(SmallCNN(), data, channels_last=False, **kw)
+    assert nhwc.meta["channels_last"] is True and nchw.meta["channels_last"] is False
+    for layer in kw["layers"]:
+        torch.testing.assert_close(nhwc.weights[layer], nchw.weights[layer], rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="channels_last must be True or False; got 'yes'"):
+        chip_ext.distill(SmallCNN(), data, channels_last="yes", **kw)
+
+
+def test_channels_last_falls_back_where_the_model_cannot_take_it(capfd):
+    """A model that .view()s its input runs on the loader's NCHW images instead, says so in meta, prints nothing."""
+    data = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    kw = dict(layers="conv", num_perturbations=8, progress=False)
+    model = FlattensItsInput()
+    fell_back = chip_ext.distill(model, data, **kw)
+    assert fell_back.meta["channels_last"].startswith("off: the model failed on channels_last images (view size")
+    assert capfd.readouterr().err == ""
+    nchw = chip_ext.distill(model, data, channels_last=False, **kw)
+    assert torch.equal(fell_back.weights["conv"], nchw.weights["conv"])
+    two = {**kw, "layers": ["conv", "relu"]}  # switched off at the first layer: the second gets NCHW images too
+    both, both_nchw = chip_ext.distill(model, data, **two), chip_ext.distill(model, data, channels_last=False, **two)
+    for layer in two["layers"]:
+        assert torch.equal(both.weights[layer], both_nchw.weights[layer])

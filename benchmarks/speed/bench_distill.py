@@ -123,19 +123,22 @@ def bench(name, args, device):
     loader = [images[i:i + args.batch] for i in range(0, args.images, args.batch)]
 
     runs = {}
-    variants = [("fp32", None, True), ("fp32 unfolded", None, False)]
+    # (label, autocast dtype, fold, channels_last): distill's defaults are fold and channels_last
+    variants = [("fp32", None, True, True), ("fp32 unfolded", None, False, True), ("fp32 nchw", None, True, False)]
     if device.type == "cuda":
-        variants += [("bf16 autocast", torch.bfloat16, True), ("bf16 autocast unfolded", torch.bfloat16, False)]
+        variants += [("bf16 autocast", torch.bfloat16, True, True), ("bf16 autocast unfolded", torch.bfloat16, False, True),
+                     ("bf16 autocast nchw", torch.bfloat16, True, False)]
     weights = {}
-    for label, dtype, fold in variants:
+    for label, dtype, fold, nhwc in variants:
         budget = None if args.memory_budget_mib is None else int(args.memory_budget_mib * 2**20)
         chip_ext.distill(model, loader[:1], layer, num_perturbations=N, classes=classes[:10], progress=False,
-                         autocast_dtype=dtype, memory_budget=budget, fold=fold, max_iter=args.max_iter)  # warm-up
+                         autocast_dtype=dtype, memory_budget=budget, fold=fold, max_iter=args.max_iter,
+                         channels_last=nhwc)  # warm-up
         sync(device)
         t0 = time.perf_counter()
         imp = chip_ext.distill(model, loader, layer, num_perturbations=N, classes=classes, progress=False,
                                autocast_dtype=dtype, profile=True, memory_budget=budget, fold=fold,
-                               max_iter=args.max_iter)
+                               max_iter=args.max_iter, channels_last=nhwc)
         weights[label] = imp.weights[layer].float().cpu()
         sync(device)
         total = time.perf_counter() - t0
@@ -170,6 +173,7 @@ def bench(name, args, device):
         "speedup_vs_naive": runs["fp32"]["images_per_s"] / naive_ips,  # streaming vs streaming
         "speedup_unfolded_vs_naive": runs["fp32 unfolded"]["images_per_s"] / naive_ips,
         "speedup_fold": runs["fp32"]["images_per_s"] / runs["fp32 unfolded"]["images_per_s"],
+        "speedup_channels_last": runs["fp32"]["images_per_s"] / runs["fp32 nchw"]["images_per_s"],
     }
 
 

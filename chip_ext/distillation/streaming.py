@@ -70,6 +70,7 @@ class LayerState:
         self.h_checked = False
         self.gates_checked = 0  # the largest batch whose gates were checked to fit in memory
         self.pending = GramBuffer()  # statistics of images not yet added to acc (buffer.py)
+        self.channels_last_ok = False  # the prefix ran on channels_last images once
         self.gram_images: int | None = None  # images per gram_accumulate call (buffer.gram_limit)
 
 class Run(CheckpointedRun, RankedRun, FiniteChecks):
@@ -105,6 +106,8 @@ class Run(CheckpointedRun, RankedRun, FiniteChecks):
         self._checks: list[tuple[Tensor, str, list[int]]] = []
         self._pending = None  # (pinned flag, event, checks) of the last GPU batch, read one batch late
         self.normalize = None  # device_normalizer(normalize): uint8/[0, 1] images normalised on the device
+        self.channels_last = False  # images into the prefix as NHWC (distill's channels_last)
+        self.channels_last_note: str | None = None  # why channels_last was switched off during the run
         self.comm_device = distributed.comm_device(device, world)
 
     # ---------------------------------------------------------------- streaming
@@ -262,9 +265,25 @@ class Run(CheckpointedRun, RankedRun, FiniteChecks):
         return result, a
 
     def to_device(self, x: Tensor) -> Tensor:
-        """The images on the run's device, normalised there when `normalize` was given."""
+        """The images on the run's device, normalised there when `normalize` was given, channels_last
+        when asked (distill's `channels_last`)."""
         x = x.to(self.device, non_blocking=True)
-        return x if self.normalize is None else self.normalize(x)
+        if self.normalize is not None:
+            x = self.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _prefix_without_channels_last(self, s: LayerState, x: Tensor, err: RuntimeError) -> tuple[Tensor, Tensor]:
+        """The prefix failed on the first channels_last images: on the loader's format it runs (e.g. the model
+        .view()s its input), and the run goes on that way with imp.meta["channels_last"] saying why; or it fails
+        again, and that error is the user's."""
+        x = x.contiguous()
+        try:
+            A = s.prefix(x)
+        except RuntimeError as again:
+            raise dtype_error(s.prefix, x, again, "loader's images") from again
+        self.channels_last = False
+        self.channels_last_note = f"off: the model failed on channels_last images ({str(err).splitlines()[0][:120]})"
+        return x, A
 
     def _autocast(self):
         """autocast_dtype's autocast on the run's device (prefix and suffix alike), or nothing."""
@@ -321,10 +340,16 @@ class Run(CheckpointedRun, RankedRun, FiniteChecks):
         """One layer's per-image statistics of the images x: a [B, K], gates [B, N, K] bool,
         h [B, N], f [B, C] and g [B, N, C] over the chosen classes."""
         with self.stages("prefix"), self._autocast():  # the same precision as the suffix
-            try:
-                A = s.prefix(x)
+            if self.channels_last_note is not None:  # switched off at another layer of this batch
+                x = x.contiguous()
+            first_nhwc = self.channels_last and not s.channels_last_ok
+            try:  # .forward: an error torch.fx would print a traceback for is ours to handle (channels_last)
+                A = s.prefix.forward(x) if first_nhwc else s.prefix(x)
             except RuntimeError as err:
-                raise dtype_error(s.prefix, x, err, "loader's images") from err
+                if not first_nhwc:
+                    raise dtype_error(s.prefix, x, err, "loader's images") from err
+                x, A = self._prefix_without_channels_last(s, x, err)
+            s.channels_last_ok = True
         if not isinstance(A, Tensor) or A.dim() != 4:
             shape = list(A.shape) if isinstance(A, Tensor) else type(A).__name__
             raise ValueError(f"layer {s.name!r} outputs {shape}; CHIP needs a convolutional feature "
