@@ -35,7 +35,7 @@ class GramBuffer:
         if self.images >= limit:
             self.flush(acc)
 
-    def flush(self, acc: ops.Accumulators | None) -> None:
+    def flush(self, acc: ops.Accumulators) -> None:
         """Adds every held image to acc (before a checkpoint, the end of the stream, the solve)."""
         if not self.parts:
             return

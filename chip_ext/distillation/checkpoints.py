@@ -311,4 +311,3 @@ class CheckpointedRun:
                 raise ValueError(f"checkpoint {checkpoint} is a finished run over {self.position} images; this "
                                  f"loader has {counted}: another dataset? Pass another checkpoint path to distil "
                                  "these images (or the same loader to re-solve the finished run)")
-

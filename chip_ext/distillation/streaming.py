@@ -73,6 +73,7 @@ class LayerState:
         self.channels_last_ok = False  # the prefix ran on channels_last images once
         self.gram_images: int | None = None  # images per gram_accumulate call (buffer.gram_limit)
 
+
 class Run(CheckpointedRun, RankedRun, FiniteChecks):
     """The state of one distillation pass: accumulators, position, and the per-batch work.
 
