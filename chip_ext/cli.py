@@ -230,6 +230,8 @@ def _distill(args: argparse.Namespace) -> int:
             args.device = str(device)
         started_here = True
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if args.cudnn_benchmark:  # this process is ours: a global switch is safe here
+        torch.backends.cudnn.benchmark = True
     out = writable_file(args.out, "--out")
     model, pre = models.load(args.model, args.weights)
     if args.squash:
@@ -241,9 +243,11 @@ def _distill(args: argparse.Namespace) -> int:
         pre = dataclasses.replace(pre, squash=True)
     dataset = data.ImageNetTrain(args.data, pre, per_class=args.per_class)
     classes_in_data = dataset.classes
-    if world > 1:  # each rank decodes only the images it forwards
-        dataset = data.RankShard(dataset, rank, world)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    if world > 1:  # each rank reads, decodes and copies only the images it forwards
+        dataset = data.RankSlice(dataset, rank, world)
+    on_gpu = (args.device or "").startswith("cuda")
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                        pin_memory=on_gpu)  # pinned: the copy to the GPU overlaps the work
     classes = classes_in_data if args.classes == "data" else None if args.classes == "all" else args.classes
     names = models.class_names_for(args.model) if ":" not in args.model else None
     imp = distill(model, loader, [l.strip() for l in args.layers.split(",")], classes=classes,
@@ -462,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an unpenalised intercept per class in the Lasso (scikit-learn's fit_intercept; "
                     "default on, --no-fit-intercept for the paper's Lasso without one)")
     di.add_argument("--positive", action="store_true", help="non-negative channel weights (scikit-learn's positive)")
+    di.add_argument("--cudnn-benchmark", action="store_true",
+                    help="let cuDNN autotune its convolution algorithms for the fixed image size (GPU; the first "
+                         "batches of each shape are slower)")
     di.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                     help="images into the network in channels_last (NHWC) memory format (default on; faster convolutions, "
                     "same sums up to float rounding)")

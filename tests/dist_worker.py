@@ -6,7 +6,8 @@ Options (JSON): N (perturbations, 6), n_images (22), checkpoint (a path), shard 
 fit_intercept (distill's),
 timeout (seconds of the process group, 60), batch (distill's batch_size), die_after (this rank SIGKILLs itself when the loader is
 asked for that item), idle (this rank joins the group but never calls distill; it waits for
-another rank's .err file, then leaves).
+another rank's .err file, then leaves), rank_slice (each rank a DataLoader over its RankSlice, batches of
+loader_batch = 4; die_at: SIGKILL when that global image is read), max_images (distill's).
 """
 import json
 import os
@@ -33,6 +34,34 @@ def images(n, die_after=None):
         yield x[i:i + 4]
 
 
+class Images:
+    """The same images as a map-style dataset, for per-rank loaders (RankSlice); die_at: SIGKILL when asked
+    for that global image."""
+
+    def __init__(self, n, die_at=None):
+        self.x = torch.randn(n, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+        self.die_at = die_at
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if i == self.die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.x[i]
+
+
+def loader_of(opt, rank, world):
+    if not opt.get("rank_slice"):
+        return images(opt.get("n_images", 22), opt.get("die_after"))
+    from torch.utils.data import DataLoader
+
+    from chip_ext.data import RankSlice
+
+    return DataLoader(RankSlice(Images(opt.get("n_images", 22), opt.get("die_at")), rank, world),
+                      batch_size=opt.get("loader_batch", 4))
+
+
 def main():
     opt = json.loads(sys.argv[1])
     rank, world, out = opt["rank"], opt["world"], Path(opt["out"])
@@ -44,9 +73,10 @@ def main():
             while not any(out.glob("*.err")):
                 time.sleep(0.2)
             return
-        imp = chip_ext.distill(InvariantCNN(), images(opt.get("n_images", 22), opt.get("die_after")),
+        imp = chip_ext.distill(InvariantCNN(), loader_of(opt, rank, world),
                                ["conv1", "relu2"], num_perturbations=opt.get("N", 6), progress=False,
                                checkpoint=opt.get("checkpoint"), checkpoint_every=0,
+                               max_images=opt.get("max_images"),
                                shard_accumulators=opt.get("shard", False), batch_size=opt.get("batch"),
                                **({"fit_intercept": opt["fit_intercept"]} if "fit_intercept" in opt else {}),
                                **TIGHT)  # left out: distill's default, as in the single-process reference

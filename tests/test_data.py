@@ -106,6 +106,25 @@ def test_rank_shard_decodes_only_its_own_items():
         RankShard(base, rank=2, world=2)
 
 
+def test_rank_slice_holds_only_its_own_items_with_their_global_indices():
+    from chip_ext.data import RankSlice
+
+    base = [torch.full((3, 2, 2), float(i)) for i in range(7)]
+    shares = [RankSlice(base, r, 3) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 2, 2]
+    assert [float(s[j][0, 0, 0]) for s in shares for j in range(len(s))] == [0, 3, 6, 1, 4, 2, 5]
+    assert [shares[1].global_index(j) for j in range(2)] == [1, 4]
+    with pytest.raises(IndexError, match=r"index 2 is out of range: rank 1 of 3 holds 2 of the 7 items"):
+        shares[1][2]
+    with pytest.raises(ValueError, match=r"got rank=3, world=3"):
+        RankSlice(base, 3, 3)
+    with pytest.raises(TypeError, match=r"world must be an int; got 2.0"):
+        RankSlice(base, 0, 2.0)
+    with pytest.raises(TypeError, match=r"map-style dataset\); got a generator"):
+        RankSlice((x for x in base), 0, 2)
+    assert len(RankSlice(base[:1], 2, 3)) == 0  # more ranks than images: an empty share
+
+
 def test_squash_preprocess_and_localization_dataset_see_the_same_pixels(tmp_path):
     """Issue 14.8: evaluation squashed images bilinearly while distillation resized, cropped and used the
     model's interpolation. distill --squash and LocalizationDataset(interpolation=...) agree exactly."""

@@ -849,6 +849,48 @@ def test_uint8_images_normalised_on_the_device():
         chip_ext.distill(SmallCNN(), raw, "relu2", normalize=((0.5,), (0.5,)), **kw)
 
 
+def test_device_batches_reads_nothing_ahead_off_the_gpu():
+    from chip_ext.distillation.batches import device_batches, loader_images
+
+    read = []
+
+    def loader():
+        for i in range(3):
+            read.append(i)
+            yield (torch.full((2, 3, 4, 4), float(i)), torch.zeros(2)) if i != 1 else torch.zeros(0, 3, 4, 4)
+
+    it = device_batches(loader_images(loader()), torch.device("cpu"))
+    first = next(it)
+    assert read == [0] and float(first[0, 0, 0, 0]) == 0  # nothing read ahead on the CPU
+    assert [float(x[0, 0, 0, 0]) for x in it] == [2.0]  # the empty batch is skipped
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_device_batches_copies_one_batch_ahead_on_a_side_stream():
+    """On a GPU each batch arrives on the device equal to the host's, pinned or not, while the next
+    batch's copy is already started (the loader read one batch ahead); work queued between batches
+    does not disturb a copy in flight."""
+    from chip_ext.distillation.batches import device_batches
+
+    host = [torch.randn(64, 3, 224, 224) for _ in range(4)]
+    host[1] = host[1].pin_memory()
+    read = []
+
+    def images():
+        for i, x in enumerate(host):
+            read.append(i)
+            yield x
+
+    device = torch.device("cuda")
+    for i, y in enumerate(device_batches(images(), device)):
+        assert read == list(range(min(i + 2, len(host))))
+        assert y.device.type == "cuda"
+        busy = y @ y.transpose(-1, -2)  # queued work on the current stream
+        torch.testing.assert_close(y.cpu(), host[i], rtol=0, atol=0)
+        del busy
+
+
 # ---- gram_accumulate once per many images (buffer.py) ----
 
 def test_statistics_held_for_one_gram_call_give_the_same_sums(monkeypatch, tmp_path):

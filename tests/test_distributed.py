@@ -135,6 +135,81 @@ def test_a_killed_rank_resumes_to_the_same_weights(shard, tmp_path, ref):
     assert_ranks_equal_single(tmp_path, 2, ref)
 
 
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+@pytest.mark.parametrize("world", [2, 3])  # 3 ranks: shares of 8, 7, 7 images, tail batches of 4 and 3
+def test_per_rank_loaders_give_the_single_process_result(world, shard, tmp_path, ref):
+    """Every rank's own DataLoader over its RankSlice: the same W as one loader shared by all ranks."""
+    assert launch(world, tmp_path, shard=shard, rank_slice=True) == [0] * world, errors(tmp_path)
+    meta = assert_ranks_equal_single(tmp_path, world, ref)
+    assert meta["per_rank_loader"] and meta["world_size"] == world
+
+
+def test_per_rank_loaders_in_chunks_and_with_max_images(tmp_path):
+    """batch_size=3 splits the loaders' batches of 4 (the sharded ranks meet per chunk, a rank with none
+    left takes part with nothing); max_images=13 keeps the global images 0..12 only."""
+    ref13 = single(max_images=13)
+    assert launch(3, tmp_path, shard=True, rank_slice=True, batch=3, max_images=13) == [0] * 3, errors(tmp_path)
+    for r in range(3):
+        got = torch.load(Path(tmp_path) / f"rank{r}.pt", weights_only=False)
+        assert got["meta"]["images_seen"] == 13
+        for layer in ("conv1", "relu2"):
+            torch.testing.assert_close(got[layer].double(), ref13.weights[layer].double(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+def test_per_rank_loaders_resume_after_a_killed_rank(shard, tmp_path, ref):
+    ck = tmp_path / "ck" / "run.ckpt"
+    # rank 1 SIGKILLs itself reading global image 9 (its 5th: the first of its 2nd batch); position 8 was saved
+    codes = launch(2, tmp_path, per_rank={0: {"rank_slice": True}, 1: {"rank_slice": True, "die_at": 9}},
+                   checkpoint=str(ck), shard=shard, timeout=20)
+    assert codes[1] == -9 and codes[0] == 3, (codes, errors(tmp_path))
+    saved = list_rank_checkpoints(ck)
+    assert 8 in saved[(0, 2)] and 8 in saved[(1, 2)], saved
+    for f in tmp_path.glob("*.err"):
+        f.unlink()
+    assert launch(2, tmp_path, checkpoint=str(ck), shard=shard, rank_slice=True) == [0, 0], errors(tmp_path)
+    meta = assert_ranks_equal_single(tmp_path, 2, ref)
+    assert meta["resumed"] and meta["resumed_at_image"] == 8
+
+
+def test_a_shared_loader_checkpoint_resumes_with_per_rank_loaders_not_back(tmp_path, ref):
+    """A shared loader's checkpoint at position 12 holds the global images 0..11: each rank's own loader
+    skips its 6 of them. A per-rank checkpoint cannot be resumed through a shared loader."""
+    ck = tmp_path / "ck" / "run.ckpt"
+    codes = launch(2, tmp_path, per_rank={1: {"die_after": 3}}, checkpoint=str(ck), timeout=20)
+    assert codes[1] == -9, (codes, errors(tmp_path))
+    for f in tmp_path.glob("*.err"):
+        f.unlink()
+    assert launch(2, tmp_path, checkpoint=str(ck), rank_slice=True) == [0, 0], errors(tmp_path)
+    meta = assert_ranks_equal_single(tmp_path, 2, ref)
+    assert meta["resumed_at_image"] == 12 and meta["per_rank_loader"]
+
+    ck2 = tmp_path / "ck2" / "run.ckpt"
+    codes = launch(2, tmp_path, per_rank={0: {"rank_slice": True}, 1: {"rank_slice": True, "die_at": 9}},
+                   checkpoint=str(ck2), timeout=20)
+    assert codes[1] == -9, (codes, errors(tmp_path))
+    for f in tmp_path.glob("*.err"):
+        f.unlink()
+    assert launch(2, tmp_path, checkpoint=str(ck2)) == [3, 3]
+    for r in range(2):
+        assert "written with per-rank loaders" in errors(tmp_path)[f"rank{r}.err"], errors(tmp_path)
+
+
+def test_a_rank_slice_of_another_rank_is_refused():
+    from torch.utils.data import DataLoader
+
+    from chip_ext.data import RankSlice
+
+    x = torch.randn(6, 3, 10, 10)
+    with pytest.raises(ValueError, match=r"its RankSlice is rank 1 of 2, but this process is rank 0 of 1"):
+        chip_ext.distill(InvariantCNN(), DataLoader(RankSlice(list(x), 1, 2), batch_size=2), "conv1",
+                         num_perturbations=3, progress=False)
+    # one process, world 1: a RankSlice is the whole dataset
+    imp = chip_ext.distill(InvariantCNN(), DataLoader(RankSlice(list(x), 0, 1), batch_size=4), "conv1",
+                           num_perturbations=3, progress=False)
+    assert imp.meta["images_seen"] == 6 and not imp.meta["per_rank_loader"]
+
+
 def test_checkpoints_of_the_other_accumulator_mode_are_refused(tmp_path):
     ck = tmp_path / "run.ckpt"
     assert launch(2, tmp_path, checkpoint=str(ck)) == [0, 0], errors(tmp_path)  # replicated, finished
@@ -266,7 +341,7 @@ def test_torchrun_cli_equals_single_process(cli_one, tmp_path):
     root, one = cli_one
     two, _ = cli_distill(root, tmp_path / "two.pt", torchrun=["--nproc_per_node=2"])
     assert one.classes == two.classes == [0, 217] and two.meta["images_seen"] == 10
-    assert two.meta["world_size"] == 2 and not two.meta["resumed"]
+    assert two.meta["world_size"] == 2 and not two.meta["resumed"] and two.meta["per_rank_loader"]
     # a batch-invariant network: only the float64 sums' order differs between one process and two ranks
     torch.testing.assert_close(two.weights["1"], one.weights["1"], rtol=1e-6, atol=1e-9)
 
@@ -295,7 +370,10 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(cli_one, tmp_path):
     killed = "Signals.SIGKILL" in log or "SIGKILL" in log or "exitcode: -9" in log
     peer_reset = "Connection reset by peer" in log and "exitcode: -6" in log
     assert killed or peer_reset, log[-3000:]
-    assert two.meta["resumed"] and two.meta["resumed_at_image"] == 3 and two.meta["images_seen"] == 10
+    # each rank reads its own images (RankSlice) in batches of 3: rank 1 died reading its 4th, after the
+    # step that took 3 images on each rank was saved, at the global count 6
+    assert two.meta["per_rank_loader"]
+    assert two.meta["resumed"] and two.meta["resumed_at_image"] == 6 and two.meta["images_seen"] == 10
     assert two.meta["shard_accumulators"] and sorted(list_rank_checkpoints(ck)) == [(0, 2), (1, 2)]
     torch.testing.assert_close(two.weights["1"], one.weights["1"], rtol=1e-6, atol=1e-9)
 

@@ -22,7 +22,9 @@ def test_the_archived_run_is_read_whole_under_any_names(tmp_path):
         shutil.copy(f, tmp_path / f"step{i}_rerun.json")  # names the summary has never seen
     shutil.copy(ARCHIVE / "ceilings.txt", tmp_path / "gpu_ceilings_rerun.txt")
     out = summary(tmp_path)
-    assert "nan" not in out and "no file" not in out and "MISSING" not in out
+    missing = [line for line in out.splitlines() if "no file" in line]
+    assert "nan" not in out and "MISSING" not in out
+    assert len(missing) == 1 and missing[0].startswith("imagenet_scale "), missing  # that run had no such step
     assert "787 TFLOP/s" in out and "gate_pool K=512" in out and "admm_lasso C=1000" in out
     assert out.count("vgg16 features.29 bf16 autocast") == 3  # every bench_distill file, not one
     assert "1752.3 img/s" in out and "12% of bf16 matmul" in out and "explain, ms per image" in out
@@ -58,3 +60,8 @@ def test_imagenet_scale_dry_run_measures_every_term(tmp_path):
         assert run[key] > 0, key
     assert run["projection_1gpu_s"] > 1_281_167 / run["end_to_end_images_per_s"]
     assert run["paper_8gpu"]["final_reduce_bytes"] == 10 * (512 * 513 // 2 + 2 * 512 + 3) * 8
+    shutil.copy(out, tmp_path / "any_name.json")  # the summary finds it by content and says it is a dry run
+    (tmp_path / "scale.json").unlink()
+    lines = [line for line in summary(tmp_path).splitlines() if line.startswith("imagenet_scale: resnet18 layer4")]
+    assert len(lines) == 2 and all("(dry run)" in line for line in lines), lines
+    assert " min" in lines[0] and "end to end" in lines[0]

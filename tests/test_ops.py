@@ -294,6 +294,17 @@ def test_gate_pool_cuda_misaligned_falls_back(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("B, N", [(1, 100), (2, 9), (64, 100)])  # copy groups: 25, 3, one (blocks enough)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gate_pool_cuda_copy_groups(B, N, layout):
+    """Few images x tiles: the N copies are split over a third grid dimension (group 0 also sums the
+    tile); every copy and z still exact, bf16 (16-byte streaming stores) and float32."""
+    for dtype in (torch.bfloat16, torch.float32):
+        check_gate_pool(make_A(B, 512, 14, 14, dtype, layout, device="cuda"), make_gates(B, N, 512, device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_gram_cuda_ignores_global_tf32():
     """TF32 would cost ~1e-3 relative error; the GEMMs run in float64, so the process-wide TF32 switch
     neither matters nor is touched (another thread may be relying on it)."""

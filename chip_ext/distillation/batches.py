@@ -1,11 +1,15 @@
-"""A loader's items as image batches: the image tensor of a tensor, tuple/list or dict item, and
-`normalize` applied on the device (uint8 or [0, 1] images in, normalised float32 out)."""
+"""A loader's items as image batches: the image tensor of a tensor, tuple/list or dict item,
+their copy to a GPU one batch ahead on a side stream (`device_batches`), `normalize` applied on the device
+(uint8 or [0, 1] images in, normalised float32 out), and `RankSlice`, the dataset of one rank's own images
+under torch.distributed."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 
 def images_of(batch: Any, position: int, allow_uint8: bool = False) -> Tensor:
@@ -32,6 +36,52 @@ def images_of(batch: Any, position: int, allow_uint8: bool = False) -> Tensor:
     return x
 
 
+def loader_images(loader, allow_uint8: bool = False) -> Iterator[Tensor]:
+    """The image tensor [B, C, H, W] of every loader item that holds an image (`images_of`)."""
+    for item_index, item in enumerate(loader):
+        x = images_of(item, item_index, allow_uint8)
+        if x.shape[0]:
+            yield x
+
+
+def device_batches(images: Iterator[Tensor], device: torch.device) -> Iterator[Tensor]:
+    """The host images on a CUDA `device`, each batch's copy started one batch ahead on a side stream from
+    pinned memory (pinned here when the loader did not pin it), so it overlaps the work on the last one; the
+    work's stream waits for the copy's event before using it. Elsewhere (CPU, or images already on the
+    device) the images as they come, and nothing is read ahead."""
+    if device.type != "cuda":
+        yield from images
+        return
+    side = torch.cuda.Stream(device)
+    ahead = None  # (host batch, device batch, its copy's event): the host batch lives until the copy is done
+    for x in images:
+        if x.device.type == "cpu":
+            host = x if x.is_pinned() else x.pin_memory()
+            with torch.cuda.stream(side):
+                y = host.to(device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(side)
+            item = (host, y, done)
+        else:
+            item = (x, x, None)
+        if ahead is not None:
+            yield _arrived(ahead)
+        ahead = item
+    if ahead is not None:
+        yield _arrived(ahead)
+
+
+def _arrived(item) -> Tensor:
+    """The device batch of a device_batches item, once the current stream has waited for its copy; its
+    memory is marked as used by the current stream, so the side stream cannot reuse it early."""
+    _, y, done = item
+    if done is not None:
+        work = torch.cuda.current_stream(y.device)
+        work.wait_event(done)
+        y.record_stream(work)
+    return y
+
+
 def device_normalizer(normalize, device: torch.device):
     """normalize = (mean, std) per channel -> a function of images on the device: uint8 (0-255) or float
     in [0, 1] -> (x - mean) / std in float32. None -> None."""
@@ -46,3 +96,36 @@ def device_normalizer(normalize, device: torch.device):
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         return (x - mean) / std
     return apply
+
+
+class RankSlice(Dataset):
+    """Rank `rank` of `world`'s own share of a dataset, for distill under torch.distributed: item j is
+    dataset[rank + j * world], so a DataLoader over it reads, decodes, collates and copies only the images
+    this rank forwards. distill recognises a loader whose `.dataset` is a RankSlice and keys every image's
+    gates by its global index rank + j * world: W is the same as with one loader shared by all ranks.
+    Every rank's loader must keep the order (no shuffling) and give its items in batches of one size.
+    dataset: anything with __len__ and __getitem__ (an image tensor or a tuple (image, ...) per item)."""
+
+    def __init__(self, dataset, rank: int, world: int):
+        for name, value in (("rank", rank), ("world", world)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int; got {value!r}")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world) and world >= 1; got rank={rank}, world={world}")
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"dataset must have __len__ and __getitem__ (a map-style dataset); got a "
+                            f"{type(dataset).__name__}")
+        self.dataset, self.rank, self.world = dataset, rank, world
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.world))
+
+    def global_index(self, j: int) -> int:
+        """The index in `dataset` of this share's item j."""
+        return self.rank + j * self.world
+
+    def __getitem__(self, j: int):
+        if not 0 <= j < len(self):
+            raise IndexError(f"RankSlice index {j} is out of range: rank {self.rank} of {self.world} holds "
+                             f"{len(self)} of the {len(self.dataset)} items")
+        return self.dataset[self.global_index(j)]

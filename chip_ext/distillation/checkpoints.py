@@ -206,6 +206,8 @@ class CheckpointedRun:
             "position": self.position, "complete": self.complete, "classes": self.classes,
             "num_outputs": self.num_outputs, "world": self.world, "rank": self.rank,
             "first_image": self.first_image, "max_images": self.max_images, "loader_images": self.loader_images,
+            # per-rank loaders (RankSlice): the images read from this rank's own loader; None: a shared loader
+            "local_position": self.local_position if getattr(self, "per_rank", False) else None,
             "layers": {s.name: {"shape": s.shape, "sigma": s.sigma, "rows": s.rows,
                                 "acc": None if s.acc is None else [t.cpu() for t in s.acc]}
                        for s in self.states},
@@ -225,6 +227,7 @@ class CheckpointedRun:
         self.resumed_at = self.position
         self.first_image = state["first_image"]
         self.recorded = {"max_images": state["max_images"], "loader_images": state["loader_images"]}
+        self._load_local_position(path, state.get("local_position"))
         if not self.complete and self.max_images is not None and self.position > self.max_images:
             raise ValueError(f"checkpoint {path} already holds {self.position} images, more than max_images="
                              f"{self.max_images}; pass max_images >= {self.position} (or None), or another path")
@@ -237,6 +240,21 @@ class CheckpointedRun:
             s.rows = tuple(saved["rows"]) if saved.get("rows") is not None else None
             if saved["acc"] is not None:
                 s.acc = ops.Accumulators(*(t.to(self.device) for t in saved["acc"]))
+
+    def _load_local_position(self, path: Path, local: int | None) -> None:
+        """Where this rank's own loader resumes (per-rank loaders). A checkpoint of a loader shared by all ranks
+        holds every image with a global index below its position, so rank r's own loader skips its share of
+        them; the reverse (a per-rank checkpoint read through a shared loader) cannot be resumed."""
+        if getattr(self, "per_rank", False):
+            if local is None:
+                local = len(range(self.rank, self.position, self.world))
+                if self.rank != 0:
+                    self.first_image = None  # the shared loader's first image is rank 0's; record this rank's
+            self.local_position = int(local)
+        elif local is not None and not self.complete:
+            raise ValueError(f"checkpoint {path} was written with per-rank loaders (a DataLoader over "
+                             "chip_ext.data.RankSlice on every rank); resume it with them, or pass another "
+                             "checkpoint path")
 
     def resume(self, path) -> bool:
         path = Path(path)

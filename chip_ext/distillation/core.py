@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .batches import RankSlice
 from .checkpoints import CheckpointLock
 from .paths import folder_problem
 from .fingerprints import cached_model_fingerprint, image_fingerprint, model_fingerprint  # noqa: F401  (re-exported)
@@ -306,8 +307,10 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         images as the loader gives them.
 
     torch.distributed (initialised by the caller, e.g. under torchrun): rank r forwards the images
-    whose global index is r mod world_size (every rank iterates the same loader, in the same
-    order); the float64 sums are reduced and the Lasso is solved by class blocks across ranks;
+    whose global index is r mod world_size. Give each rank a loader over
+    `chip_ext.data.RankSlice(dataset, rank, world)` and it reads only those images (global index
+    r + j*world for its item j); any other loader must be the same on every rank, which then skips
+    the images of the others (in the same order); the float64 sums are reduced and the Lasso is solved by class blocks across ranks;
     every rank returns the same Importance, equal to the single-process one. With a checkpoint,
     each rank writes `<checkpoint>.rank<r>of<world>.pos<images>` (the two newest kept, written at
     the same loader position on every rank) and `.complete`; the same command resumes.
@@ -353,14 +356,13 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
                           autocast_dtype, normalize)
     rank, world = distributed.rank_world()
     config["shard_accumulators"] = bool(shard_accumulators) and world > 1  # what the checkpoint sums mean
-    dataset = getattr(loader, "dataset", None)
-    loader_images = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    per_rank, loader_images, local_images = _loader_kind(loader, rank, world)
     if world > 1:
         distributed.check_ranks_agree({**config, "lam": lam, "lam_ratio": lam_ratio, "rho": rho, "max_iter": max_iter,
                             "tol": tol, "fit_intercept": fit_intercept, "positive": positive,
                             "max_images": max_images, "batch_size": batch_size,
                             "checkpoint": None if checkpoint is None else Path(checkpoint).name,
-                            "images_in_loader": loader_images})
+                            "images_in_loader": loader_images, "per_rank_loader": per_rank})
         progress = progress and rank == 0
     stages = Stages(device, profile)
     lock = CheckpointLock(checkpoint, rank, world) if checkpoint is not None else contextlib.nullcontext()
@@ -372,6 +374,7 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
         run.channels_last = channels_last
         run.class_names_count = None if class_names is None else len(class_names)
         run.loader_images, run.max_images = loader_images, max_images
+        run.per_rank, run.local_images = per_rank, local_images
         resumed = run.resume(checkpoint) if checkpoint is not None else False
         _stream_or_reuse(run, loader, progress, checkpoint, checkpoint_every, max_images, world)
         _warn_underdetermined(run, states, num_perturbations)
@@ -389,6 +392,19 @@ def distill(model: nn.Module, loader: Iterable, layers: str | Sequence[str] | No
                  positive=positive, channels_last=run.channels_last_note or channels_last)
     return Importance(weights, chosen, class_names=names, meta=meta,
                       intercepts=intercepts if fit_intercept else None, feature_means=run.feature_means)
+
+
+def _loader_kind(loader, rank: int, world: int) -> tuple[bool, int | None, int | None]:
+    """(per_rank, images in the whole dataset, images of this rank's share): per_rank when the loader reads
+    a `RankSlice` (this rank's own images) under torch.distributed; its rank and world must be this process's."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, RankSlice):
+        if (dataset.rank, dataset.world) != (rank, world):
+            raise ValueError(f"loader: its RankSlice is rank {dataset.rank} of {dataset.world}, but this process is "
+                             f"rank {rank} of {world}; build it with RankSlice(dataset, dist.get_rank(), "
+                             "dist.get_world_size())")
+        return world > 1, len(dataset.dataset), len(dataset)
+    return False, (len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None), None
 
 
 def _check_numbers(num_perturbations, max_iter, seed, batch_size, memory_budget, max_images, tol, checkpoint_every,
@@ -432,6 +448,7 @@ def _meta(config: dict, run: Run, states, stages: Stages, solver_meta: dict, lam
         "sigma_used": {s.name: s.sigma for s in states},
         "empty_classes": run.empty_classes, "solver": solver_meta, "resumed": resumed,
         "resumed_at_image": run.resumed_at, "world_size": world, "shard_accumulators": run.shard,
+        "per_rank_loader": run.per_rank,
         "fold": {s.name: s.fold_reason for s in states},
         "timing_s": dict(stages.seconds), "device": str(device), "chip_ext_version": __version__,
     }

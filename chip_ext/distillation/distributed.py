@@ -110,6 +110,18 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def step_counts(images: int, due: bool, device: torch.device) -> tuple[list[int], bool]:
+    """One step of per-rank loaders: every rank's image count in this step (0 once its loader has ended)
+    and whether any rank wants a checkpoint now (one all-gather of two ints per rank)."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([int(images), int(due)], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    rows = torch.stack(every).tolist()
+    return [int(r[0]) for r in rows], any(bool(r[1]) for r in rows)
+
+
 def reduce_class_blocks(sums: tuple, rank: int, world: int, device: torch.device) -> tuple:
     """Replicated accumulators after the stream: block r of the classes of every sum (Tensor[C, ...])
     is summed over the ranks onto rank r (a reduce per block, not an all-reduce of everything).

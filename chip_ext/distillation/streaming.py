@@ -2,27 +2,29 @@
 gated copies (`ops.gate_pool`) through the suffix in memory-bounded calls, and the float64 sufficient
 statistics (`ops.gram_accumulate`); then the per-class Lasso on them. Checkpoints (`checkpoints.
 CheckpointedRun`), torch.distributed ranks (`ranks.RankedRun`) and the NaN/Inf checks read one batch late
-(`finite.FiniteChecks`) are the run's other sides; `batches` reads the loader's items.
+(`finite.FiniteChecks`) are the run's other sides; `batches` reads the loader's items; `rank_stream` is
+the pass when every rank has its own loader.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..kernels import ops
 from . import distributed, memory
-from .batches import device_normalizer, images_of  # noqa: F401  (re-exported)
+from .batches import device_batches, device_normalizer, images_of, loader_images  # noqa: F401  (re-exported)
 from .buffer import GramBuffer, gram_limit
 from .checkpoints import CheckpointedRun
 from .distributed import class_block
 from .finite import FiniteChecks
 from .gates import default_sigma, proximity, sample_gates
 from .memory import PeakMeter, fmt_bytes, suffix_pieces
+from .rank_stream import RankLoaderRun
 from .ranks import RankedRun
 from .solver import solve_sums, solver_report
 from .views import dtype_error
@@ -74,7 +76,7 @@ class LayerState:
         self.gram_images: int | None = None  # images per gram_accumulate call (buffer.gram_limit)
 
 
-class Run(CheckpointedRun, RankedRun, FiniteChecks):
+class Run(CheckpointedRun, RankedRun, RankLoaderRun, FiniteChecks):
     """The state of one distillation pass: accumulators, position, and the per-batch work.
 
     With torch.distributed (world > 1), rank r forwards the images whose global index is r mod world.
@@ -82,6 +84,7 @@ class Run(CheckpointedRun, RankedRun, FiniteChecks):
     sums of class block r are reduced onto rank r. Sharded (shard_accumulators): rank r keeps only
     class block r and adds every rank's images to it, their per-image statistics all-gathered.
     Either way rank r solves block r and the blocks are gathered, so every rank returns the same W.
+    With per-rank loaders (`batches.RankSlice`), each rank reads only its own images (`rank_stream`).
     """
 
     def __init__(self, states, config, classes, N, sigma, max_drop, score, seed, device, batch_size,
@@ -116,6 +119,9 @@ class Run(CheckpointedRun, RankedRun, FiniteChecks):
     def stream(self, loader, progress, checkpoint, checkpoint_every, max_images) -> None:
         from tqdm.auto import tqdm
 
+        if self.per_rank:  # this rank's own loader (RankSlice)
+            return self.stream_per_rank(loader, progress, checkpoint, checkpoint_every, max_images)
+
         total = self.loader_images
         if max_images is not None:
             total = min(total, max_images) if total is not None else max_images
@@ -128,10 +134,8 @@ class Run(CheckpointedRun, RankedRun, FiniteChecks):
         t_start, imgs_start = time.perf_counter(), self.position
         try:
             first = True
-            for item_index, item in enumerate(loader):
-                x = images_of(item, item_index, allow_uint8=self.normalize is not None)
-                if x.shape[0] == 0:
-                    continue  # an empty batch holds no image (and takes no index)
+            # one process: each batch copied to a GPU one batch ahead; ranks sharing a loader copy only their images
+            for x in self.images(loader, ahead=self.world == 1):  # empty batches hold no image (and take no index)
                 if first:
                     self._check_first_image(x, checkpoint)
                     first = False
@@ -180,6 +184,11 @@ class Run(CheckpointedRun, RankedRun, FiniteChecks):
         if self.seen == 0:
             raise ValueError("the loader produced no images (empty loader, or all of them were "
                              "already in the checkpoint's sums)")
+
+    def images(self, loader, ahead: bool) -> Iterator[Tensor]:
+        """The loader's image batches; ahead: on a GPU, each copied there one batch ahead (`device_batches`)."""
+        images = loader_images(loader, allow_uint8=self.normalize is not None)
+        return device_batches(images, self.device) if ahead else images
 
     def _check_fits(self, need: int, what: str) -> None:
         """MemoryError before allocating `need` bytes that the device does not have free."""

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..distillation.batches import RankSlice  # noqa: F401  (chip_ext.data.RankSlice)
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
@@ -87,11 +89,11 @@ class ImageNetTrain(Dataset):
 
 
 class RankShard(Dataset):
-    """A dataset as rank `rank` of `world` sees it under torch.distributed distillation: the items
-    whose index is rank mod world are decoded; every other item is a zero placeholder of the same
-    shape (distill never uses those: their rank forwards them). Lengths and order are unchanged,
-    so every rank's loader yields the same batches, as distill requires, while each rank decodes
-    only 1/world of the images. dataset[i] must be an image tensor or a tuple (image, ...)."""
+    """A dataset as rank `rank` of `world` sees it under torch.distributed distillation, with one loader
+    layout shared by all ranks: the items whose index is rank mod world are decoded; every other item is a
+    zero placeholder of the same shape (distill never uses those: their rank forwards them). Each rank
+    decodes only 1/world of the images, but still collates and copies the placeholders: `RankSlice`
+    (this rank's items only) is the faster choice. dataset[i] must be an image tensor or a tuple (image, ...)."""
 
     def __init__(self, dataset: Dataset, rank: int, world: int):
         if not 0 <= rank < world:

@@ -8,6 +8,11 @@
 //            N times, gated, with 16-byte stores.
 // Phase 2 re-reads the tile that phase 1 just touched, so it comes from L1/L2: A is read from
 // DRAM once. A last small kernel turns the partial sums into z = gates * mean.
+// When images x tiles are too few blocks to fill the GPU (small pieces of a batch), a third grid
+// dimension splits the N copies into groups: group 0 also does phase 1, the others only write their
+// copies (each re-reads the tile: A is read once per group, against N writes of it).
+// The copies are written with streaming stores (__stcs, evict-first): nothing reads them back soon
+// from L2, so they should not evict the tile being read.
 // The 16-byte path needs the tile and slab offsets to be multiples of VEC and A/out aligned;
 // otherwise the same kernel runs with VEC = 1.
 #include <ATen/cuda/CUDAContext.h>
@@ -31,15 +36,20 @@ struct alignas(sizeof(T) * VEC) Vec {
 template <typename scalar_t, typename gate_t, int VEC, bool NHWC>
 __global__ void gate_pool_kernel(const scalar_t* __restrict__ A, const gate_t* __restrict__ gates,
                                  scalar_t* __restrict__ out, float* __restrict__ partial,
-                                 int N, int K, int HW, int units_per_tile, int tiles_per_image) {
+                                 int N, int K, int HW, int units_per_tile, int tiles_per_image,
+                                 int copies_per_block) {
   const int b = blockIdx.y;
+  const int n_begin = int(blockIdx.z) * copies_per_block;
+  const int n_end = min(N, n_begin + copies_per_block);
   const int tile = blockIdx.x;
   const uint32_t L = uint32_t(K) * uint32_t(HW);
   const scalar_t* A_img = A + int64_t(b) * L;
   const gate_t* gates_b = gates + int64_t(b) * N * K;
 
-  // ---- phase 1: per-channel sums of the tile ----
-  if (!NHWC) {
+  // ---- phase 1: per-channel sums of the tile (the first group of copies only; uniform per block) ----
+  if (blockIdx.z != 0) {
+    // the partial sums are another block's work
+  } else if (!NHWC) {
     // tile = channels [c0, c1).
     const int c0 = tile * units_per_tile, c1 = min(K, c0 + units_per_tile);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -105,7 +115,7 @@ __global__ void gate_pool_kernel(const scalar_t* __restrict__ A, const gate_t* _
         }
       }
     }
-    for (int nn = 0; nn < N; ++nn) {
+    for (int nn = n_begin; nn < n_end; ++nn) {
       const gate_t* gn = gates_b + int64_t(nn) * K;
       scalar_t* out_n = out + (int64_t(b) * N + nn) * L;
 #pragma unroll
@@ -130,7 +140,11 @@ __global__ void gate_pool_kernel(const scalar_t* __restrict__ A, const gate_t* _
             for (int i = 0; i < VEC; ++i)
               w.v[i] = static_cast<scalar_t>(static_cast<float>(r[j].v[i]) * (uint32_t(i) < split[j] ? g0 : g1));
           }
-          *reinterpret_cast<V*>(out_n + e) = w;
+          if constexpr (sizeof(V) == 16) {
+            __stcs(reinterpret_cast<int4*>(out_n + e), *reinterpret_cast<const int4*>(&w));
+          } else {
+            *reinterpret_cast<V*>(out_n + e) = w;
+          }
         }
       }
     }
@@ -189,7 +203,14 @@ void launch(const at::Tensor& A, Layout layout, const at::Tensor& gates, at::Ten
   const int64_t partial_rows = nhwc ? tiles : 1;
   at::Tensor partial = at::empty({B, partial_rows, K}, A.options().dtype(at::kFloat));
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid{unsigned(tiles), unsigned(B), 1u};
+  // Copy groups: enough blocks for about 4 per SM, at least 4 copies per group.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = tiles * int64_t(B);
+  int64_t groups = std::min<int64_t>((4 * sms + blocks - 1) / blocks, (int64_t(N) + 3) / 4);
+  groups = std::max<int64_t>(1, groups);
+  const int64_t copies_per_block = (int64_t(N) + groups - 1) / groups;
+  groups = (int64_t(N) + copies_per_block - 1) / copies_per_block;
+  const dim3 grid{unsigned(tiles), unsigned(B), unsigned(groups)};
   const auto* a_ptr = A.const_data_ptr<scalar_t>();
   const auto* g_ptr = gates.const_data_ptr<gate_t>();
   auto* o_ptr = out.mutable_data_ptr<scalar_t>();
@@ -197,7 +218,7 @@ void launch(const at::Tensor& A, Layout layout, const at::Tensor& gates, at::Ten
 
 #define CHIP_LAUNCH(V, CL)                                                                  \
   gate_pool_kernel<scalar_t, gate_t, V, CL><<<grid, kThreads, 0, stream>>>(                 \
-      a_ptr, g_ptr, o_ptr, p_ptr, N, K, HW, int(per_tile), int(tiles))
+      a_ptr, g_ptr, o_ptr, p_ptr, N, K, HW, int(per_tile), int(tiles), int(copies_per_block))
   if (aligned) {
     if (nhwc) CHIP_LAUNCH(VEC, true); else CHIP_LAUNCH(VEC, false);
   } else {
