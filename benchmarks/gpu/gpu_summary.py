@@ -86,10 +86,11 @@ def main(out_dir: str) -> int:
     else:
         for r in ops["results"]:
             s = r["shape"]
-            if r["op"] == "gate_pool":
-                frac = r["fraction_of_copy_bandwidth"]
+            if r["op"] == "gate_pool":  # the goal is against writing the copies alone (runs before it: copy)
+                ceiling = "write-only" if "fraction_of_write_only" in r else "copy"
+                frac = r.get("fraction_of_write_only", r["fraction_of_copy_bandwidth"])
                 rows.append((f"gate_pool K={s['K']} {s['H']}x{s['W']} B={s['B']} {r['dtype'][6:]}",
-                             f"{r['impls']['chip_ext.gate_pool']['GB_per_s']:.0f} GB/s = {frac:.0%} of copy",
+                             f"{r['impls']['chip_ext.gate_pool']['GB_per_s']:.0f} GB/s = {frac:.0%} of {ceiling}",
                              "goal >= 80%: " + ("met" if frac >= 0.8 else "NOT met")))
             elif r["op"] == "gram_accumulate":
                 frac = r["fraction_of_fp32_gemm"]
