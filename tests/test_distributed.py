@@ -204,6 +204,9 @@ def test_a_rank_slice_of_another_rank_is_refused():
     with pytest.raises(ValueError, match=r"its RankSlice is rank 1 of 2, but this process is rank 0 of 1"):
         chip_ext.distill(InvariantCNN(), DataLoader(RankSlice(list(x), 1, 2), batch_size=2), "conv1",
                          num_perturbations=3, progress=False)
+    with pytest.raises(ValueError, match=r"a RankSlice must be read in order \(shuffle=False, no sampler\).*RandomSampler"):
+        chip_ext.distill(InvariantCNN(), DataLoader(RankSlice(list(x), 0, 1), batch_size=2, shuffle=True), "conv1",
+                         num_perturbations=3, progress=False)
     # one process, world 1: a RankSlice is the whole dataset
     imp = chip_ext.distill(InvariantCNN(), DataLoader(RankSlice(list(x), 0, 1), batch_size=4), "conv1",
                            num_perturbations=3, progress=False)

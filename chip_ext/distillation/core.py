@@ -403,6 +403,10 @@ def _loader_kind(loader, rank: int, world: int) -> tuple[bool, int | None, int |
             raise ValueError(f"loader: its RankSlice is rank {dataset.rank} of {dataset.world}, but this process is "
                              f"rank {rank} of {world}; build it with RankSlice(dataset, dist.get_rank(), "
                              "dist.get_world_size())")
+        sampler = getattr(loader, "sampler", None)
+        if sampler is not None and not isinstance(sampler, torch.utils.data.SequentialSampler):
+            raise ValueError(f"loader: a RankSlice must be read in order (shuffle=False, no sampler): its item j is "
+                             f"keyed by the global index rank + j*world; got a {type(sampler).__name__}")
         return world > 1, len(dataset.dataset), len(dataset)
     return False, (len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None), None
 
