@@ -9,7 +9,9 @@
 #   bash benchmarks/gpu/gpu_check.sh --dry-run   # here, on the CPU: every step at tiny sizes, no build,
 #                                            # into /tmp/gpu_check_dry (checks the script itself)
 #   GPU_CHECK_STEPS=tests,ops,distill,distill_large bash benchmarks/gpu/gpu_check.sh   # a rerun of some steps
-#     (steps: tests ceilings compare ops solver distill imagenet explain distill_large; default all but distill_large;
+#     (steps: tests ceilings compare ops solver distill explain imagenet distill_large; default all but distill_large,
+#      in this order; estimated at about 9 minutes on an H200 from the step times of 2026-11-27 (the imagenet step
+#      last: the longest, 20,000 JPEGs a model and decoder);
 #      the JSON of a rerun is named *_rerun.json)
 #
 # What the device call carries (ignored by git; prepare with `bash benchmarks/gpu/gpu_carry.sh`):
@@ -21,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
-STEPS=",${GPU_CHECK_STEPS:-tests,ceilings,compare,ops,solver,distill,imagenet,explain},"
+STEPS=",${GPU_CHECK_STEPS:-tests,ceilings,compare,ops,solver,distill,explain,imagenet},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 SUFFIX=""; [[ -n "${GPU_CHECK_STEPS:-}" ]] && SUFFIX="_rerun"
 if (( DRY )); then
@@ -117,8 +119,15 @@ if want distill; then
 step "bench_distill (VGG16 conv5_3 and conv1_2, ResNet-50 layer4; fp32 and bf16 autocast)"
 if (( DRY )); then DIS=(--size 32 --perturbations 4 --classes 10 --images 2 --batch 2 --naive-images 1)
 else DIS=(--size 224 --perturbations 100 --classes 1000 --images 64 --batch 16); fi
-run 150 $PY benchmarks/speed/bench_distill.py --device "$DEV" --models vgg16,vgg16_conv1_2,resnet50 "${DIS[@]}" \
+run 200 $PY benchmarks/speed/bench_distill.py --device "$DEV" --models vgg16,vgg16_conv1_2,resnet50 "${DIS[@]}" \
     --out "$OUT_DIR/bench_distill_gpu$SUFFIX.json" | tail -12
+fi
+
+if want explain; then
+step "explain: ms per image for each method (EfficientNet-Lite0, batches of 16)"
+if (( DRY )); then EXP=(--per-class 1 --batch 2 --repeats 1); else EXP=(); fi
+run 120 $PY -W ignore::UserWarning benchmarks/speed/bench_explain_speed.py --device "$DEV" --data "$TRAIN" "${EXP[@]}" \
+    --out "$OUT_DIR/explain_speed_gpu$SUFFIX.json"
 fi
 
 if want imagenet; then
@@ -127,14 +136,7 @@ FULLRES="${GPU_CHECK_FULLRES:-.gpu_carry/fullres}"
 [[ -d "$FULLRES" ]] || FULLRES="${CHIP_EXT_DATA:-../shared/data}/ilsvrc-fullres/val"
 if (( DRY )); then IMN=(--dry-run --sources "$TRAIN,$FULLRES" --out "$OUT_DIR/imagenet_scale$SUFFIX.json")
 else IMN=(--sources "$TRAIN,$FULLRES" --images 20000 --out "$OUT_DIR/imagenet_scale$SUFFIX.json"); fi
-run 240 $PY -W ignore::UserWarning benchmarks/speed/bench_imagenet_scale.py "${IMN[@]}"
-fi
-
-if want explain; then
-step "explain: ms per image for each method (EfficientNet-Lite0, batches of 16)"
-if (( DRY )); then EXP=(--per-class 1 --batch 2 --repeats 1); else EXP=(); fi
-run 120 $PY -W ignore::UserWarning benchmarks/speed/bench_explain_speed.py --device "$DEV" --data "$TRAIN" "${EXP[@]}" \
-    --out "$OUT_DIR/explain_speed_gpu$SUFFIX.json"
+run 280 $PY -W ignore::UserWarning benchmarks/speed/bench_imagenet_scale.py "${IMN[@]}"
 fi
 
 if want distill_large; then
