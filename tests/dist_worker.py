@@ -7,7 +7,7 @@ fit_intercept (distill's),
 timeout (seconds of the process group, 60), batch (distill's batch_size), die_after (this rank SIGKILLs itself when the loader is
 asked for that item), idle (this rank joins the group but never calls distill; it waits for
 another rank's .err file, then leaves), rank_slice (each rank a DataLoader over its RankSlice, batches of
-loader_batch = 4; die_at: SIGKILL when that global image is read), max_images (distill's).
+loader_batch = 4; die_at: SIGKILL when that global image is read; fail_at: an OSError there), max_images (distill's).
 """
 import json
 import os
@@ -38,9 +38,9 @@ class Images:
     """The same images as a map-style dataset, for per-rank loaders (RankSlice); die_at: SIGKILL when asked
     for that global image."""
 
-    def __init__(self, n, die_at=None):
+    def __init__(self, n, die_at=None, fail_at=None):
         self.x = torch.randn(n, 3, 10, 10, generator=torch.Generator().manual_seed(0))
-        self.die_at = die_at
+        self.die_at, self.fail_at = die_at, fail_at
 
     def __len__(self):
         return len(self.x)
@@ -48,6 +48,8 @@ class Images:
     def __getitem__(self, i):
         if i == self.die_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if i == self.fail_at:
+            raise OSError(f"image {i} is corrupt")
         return self.x[i]
 
 
@@ -58,7 +60,7 @@ def loader_of(opt, rank, world):
 
     from chip_ext.data import RankSlice
 
-    return DataLoader(RankSlice(Images(opt.get("n_images", 22), opt.get("die_at")), rank, world),
+    return DataLoader(RankSlice(Images(opt.get("n_images", 22), opt.get("die_at"), opt.get("fail_at")), rank, world),
                       batch_size=opt.get("loader_batch", 4))
 
 

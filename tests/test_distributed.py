@@ -172,6 +172,17 @@ def test_per_rank_loaders_resume_after_a_killed_rank(shard, tmp_path, ref):
     assert meta["resumed"] and meta["resumed_at_image"] == 8
 
 
+def test_a_rank_whose_loader_fails_stops_the_others_at_once(tmp_path):
+    """Rank 1's dataset raises on global image 9 (a corrupt file): it says so in the step's collective, so
+    rank 0 stops with it instead of waiting for the process group's timeout (60 s here)."""
+    ck = tmp_path / "ck" / "run.ckpt"
+    codes = launch(2, tmp_path, per_rank={0: {"rank_slice": True}, 1: {"rank_slice": True, "fail_at": 9}},
+                   checkpoint=str(ck), timeout=60)
+    assert codes == [3, 3], errors(tmp_path)
+    assert "image 9 is corrupt" in errors(tmp_path)["rank1.err"]
+    assert "rank(s) [1] could not read their images" in errors(tmp_path)["rank0.err"], errors(tmp_path)
+
+
 def test_a_shared_loader_checkpoint_resumes_with_per_rank_loaders_not_back(tmp_path, ref):
     """A shared loader's checkpoint at position 12 holds the global images 0..11: each rank's own loader
     skips its 6 of them. A per-rank checkpoint cannot be resumed through a shared loader."""

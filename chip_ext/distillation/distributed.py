@@ -110,16 +110,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def step_counts(images: int, due: bool, device: torch.device) -> tuple[list[int], bool]:
-    """One step of per-rank loaders: every rank's image count in this step (0 once its loader has ended)
-    and whether any rank wants a checkpoint now (one all-gather of two ints per rank)."""
+def step_counts(images: int, due: bool, failed: bool, device: torch.device) -> tuple[list[int], bool, list[int]]:
+    """One step of per-rank loaders: every rank's image count in this step (0 once its loader has ended),
+    whether any rank wants a checkpoint now, and the ranks whose loader failed (one all-gather of three ints
+    per rank), so that a rank that cannot go on stops the others at once instead of at the group's timeout."""
     import torch.distributed as dist
 
-    mine = torch.tensor([int(images), int(due)], dtype=torch.int64, device=device)
+    mine = torch.tensor([int(images), int(due), int(failed)], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     rows = torch.stack(every).tolist()
-    return [int(r[0]) for r in rows], any(bool(r[1]) for r in rows)
+    return [int(r[0]) for r in rows], any(bool(r[1]) for r in rows), [i for i, r in enumerate(rows) if r[2]]
 
 
 def reduce_class_blocks(sums: tuple, rank: int, world: int, device: torch.device) -> tuple:

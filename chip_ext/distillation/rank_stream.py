@@ -4,7 +4,8 @@ which keys its gates as with one loader shared by all ranks. `streaming.Run` inh
 
 Where the ranks must act together (class-sharded sums exchanged per chunk, checkpoints written at one
 position), each step begins with one all-gather of every rank's image count: a rank whose loader has ended
-takes part with 0 until every rank's has, and the checkpoint key is the global count of images consumed.
+takes part with 0 until every rank's has, a rank whose loader failed says so there (the others stop at once),
+and the checkpoint key is the global count of images consumed.
 """
 from __future__ import annotations
 
@@ -35,12 +36,17 @@ class RankLoaderRun:
         last_save = time.monotonic()
         try:
             while True:
-                x = next(batches, None)
+                x, failure = self._next_batch(batches, together)
                 n = 0 if x is None else x.shape[0]
                 counts, save_now = None, False
                 if together:
                     due = checkpoint is not None and time.monotonic() - last_save >= checkpoint_every
-                    counts, save_now = distributed.step_counts(n, due, self.comm_device)
+                    counts, save_now, failed = distributed.step_counts(n, due, failure is not None, self.comm_device)
+                    if failure is not None:
+                        raise failure
+                    if failed:
+                        raise RuntimeError(f"rank(s) {failed} could not read their images (their own error says "
+                                           f"why); rank {self.rank} stops with them")
                     if not any(counts):
                         break
                 elif x is None:
@@ -54,6 +60,17 @@ class RankLoaderRun:
             self.flush_nonfinite()
         finally:
             bar.close()
+
+    @staticmethod
+    def _next_batch(batches, together: bool) -> tuple[Tensor | None, Exception | None]:
+        """The next batch (None at the end); when the ranks act together, an error reading it is returned, to
+        be told to the other ranks in the step's collective before it is raised."""
+        try:
+            return next(batches, None), None
+        except Exception as err:  # noqa: BLE001  (raised again by the caller, after the other ranks know)
+            if not together:
+                raise
+            return None, err
 
     def _local_batches(self, loader, share: int | None, checkpoint):
         """This rank's images from its loader, batch by batch: those already in the sums (resume) skipped,
