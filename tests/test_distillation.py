@@ -895,13 +895,13 @@ def test_device_batches_copies_one_batch_ahead_on_a_side_stream():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_host_batches_copied_ahead_give_the_device_batches_importance():
     """uint8 host batches (copied one batch ahead on a side stream, normalised on the GPU) give the W of the
-    same batches handed over already on the GPU: the copy ahead changes no number."""
+    same batches handed over already on the GPU (up to the order of the GPU's float sums)."""
     g = torch.Generator().manual_seed(0)
     raw = [torch.randint(0, 256, (4, 3, 10, 10), generator=g, dtype=torch.uint8) for _ in range(5)]
     kw = dict(num_perturbations=6, progress=False, device="cuda", normalize=((0.5,) * 3, (0.25,) * 3), **TIGHT)
     host = chip_ext.distill(SmallCNN(), raw, "relu2", **kw)
     on_device = chip_ext.distill(SmallCNN(), [x.cuda() for x in raw], "relu2", **kw)
-    assert torch.equal(host.weights["relu2"], on_device.weights["relu2"])
+    torch.testing.assert_close(host.weights["relu2"], on_device.weights["relu2"], rtol=1e-5, atol=1e-7)
     assert host.meta["images_seen"] == on_device.meta["images_seen"] == 20
 
 
