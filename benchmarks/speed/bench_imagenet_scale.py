@@ -15,7 +15,8 @@ For each model, layer and decoder:
 - the projection: start-up + 1,281,167 / end-to-end rate + solve, each term measured; and on paper for 8
   GPUs: the rate x 8 if the loader keeps up (its measured rate per worker x workers a GPU says whether),
   plus the one reduce of the float64 sums at the end (C·(K(K+1)/2 + 2K + 3)·8 bytes, over NVLink at the
-  given --link-GBps), as `distill` under torchrun does (replicated accumulators: no traffic per step).
+  given --link-GBps), as `distill` under torchrun does (replicated accumulators: no traffic per step); and what
+  the sharded path would all-gather per step at that rate ((K + N + C + N·C)·4 + N·K bytes an image).
 
     python benchmarks/speed/bench_imagenet_scale.py                       # on the GPU machine (~10 min)
     python benchmarks/speed/bench_imagenet_scale.py --dry-run             # CPU, tiny sizes: checks the script
@@ -182,6 +183,8 @@ def bench(name: str, args, files, device, decode: str) -> dict:
     K = imp.weights[layer].shape[1]
     sums_bytes = args.classes * (K * (K + 1) // 2 + 2 * K + 3) * 8
     reduce_s = sums_bytes / (args.link_gbps * 1e9)
+    N, C = args.perturbations, args.classes
+    sharded_bytes = (K + N + C + N * C) * 4 + N * K
     return {
         "model": name, "layer": layer, "decode": decode, "K": K, "images": imp.meta["images_seen"],
         "loader_images_per_s": rate_loader, "loader_images_per_s_per_worker": rate_loader / max(1, args.workers),
@@ -191,8 +194,14 @@ def bench(name: str, args, files, device, decode: str) -> dict:
         "paper_8gpu": {"rate_images_per_s": 8 * rate, "needs_loader_images_per_s": 8 * rate,
                        "final_reduce_bytes": sums_bytes, "final_reduce_s": reduce_s,
                        "projection_s": startup + IMAGENET_TRAIN / (8 * rate) + reduce_s + solve / 8,
+                       # the sharded path instead (shard_accumulators): every step all-gathers each image's
+                       # a, h, f, g (float32) and gates (uint8); every rank receives all 8 ranks' rows
+                       "sharded_bytes_per_image": sharded_bytes,
+                       "sharded_all_gather_GBps_per_rank": 8 * rate * sharded_bytes / 1e9,
+                       "sharded_all_gather_share_of_link": 8 * rate * sharded_bytes / (args.link_gbps * 1e9),
                        "note": "8x the one-GPU rate if each GPU's loader keeps up; one reduce of the sums at "
-                               "the end; the solve split by class blocks over the ranks"},
+                               "the end (replicated sums, the default); the solve split by class blocks over the "
+                               "ranks"},
     }
 
 
