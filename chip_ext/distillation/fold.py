@@ -15,7 +15,7 @@ says why when it does not apply.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ class Fold:
     bias: Tensor | None
     tail: fx.GraphModule
     ops: list[str]
+    _by_channel: dict = field(default_factory=dict, repr=False)  # (dtype, K) -> weight as [K, O, P]
 
     def logits(self, A: Tensor, gates: Tensor) -> Tensor:
         """The logits of the N gated networks of every image: A Tensor[B, K, H, W], gates Tensor[B, N, K]
@@ -48,15 +49,27 @@ class Fold:
         B, K = A.shape[:2]
         N = gates.shape[1]
         p = self.head(A).reshape(B, K, -1)  # [B, K, P]
-        W = self.weight.to(p.dtype).reshape(self.weight.shape[0], K, -1)  # [O, K, P]
-        if W.shape[2] != p.shape[2]:
-            raise ValueError(f"the folded Linear takes {self.weight.shape[1]} features, the head gives "
-                             f"{K}x{p.shape[2]}")
-        Q = torch.einsum("okp,bkp->bok", W, p)  # [B, O, K]: Q_s, once per image
-        y = torch.bmm(gates.to(Q.dtype), Q.transpose(1, 2))  # [B, N, O] = Q_s d_sn
+        O, P = self.weight.shape[0], p.shape[2]
+        if self.weight.shape[1] != K * P:
+            raise ValueError(f"the folded Linear takes {self.weight.shape[1]} features, the head gives {K}x{P}")
+        d = gates.to(p.dtype)
+        if P == 1:  # a pooled head ([B, K]): y_sn = W (d_sn * p_s), one GEMM over all B·N rows
+            y = (d * p.transpose(1, 2)) @ self.weight.to(p.dtype).T  # [B, N, O]
+        else:
+            Qt = torch.bmm(self._weight_by_channel(p.dtype, K), p.permute(1, 2, 0))  # [K, O, B]: Q_s, per image
+            y = torch.bmm(d, Qt.permute(2, 0, 1))  # [B, N, O] = Q_s d_sn
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return self.tail(y.reshape(B * N, -1))
+
+    def _weight_by_channel(self, dtype: torch.dtype, K: int) -> Tensor:
+        """The Linear's weight as [K, O, P] (a batch of K matrices [O, P]), laid out once per dtype, so
+        that Q_s is one batched GEMM per call instead of a permuted copy of the weight per call."""
+        key = (dtype, K)
+        if key not in self._by_channel:
+            O = self.weight.shape[0]
+            self._by_channel[key] = self.weight.to(dtype).reshape(O, K, -1).permute(1, 0, 2).contiguous()
+        return self._by_channel[key]
 
 
 def _describe(node: fx.Node, module: nn.Module | None) -> str:
