@@ -10,6 +10,7 @@ from torch import nn
 
 import chip_ext
 from chip_ext.checkpoints import read_checkpoint
+from chip_ext.distillation.fold import LAYOUT_AFTER_CALLS
 from chip_ext.fold import find_fold
 from chip_ext.maps import cached_split, inference_view
 
@@ -80,7 +81,11 @@ def test_random_heads_fold_exactly_or_not_at_all(names, pool, tail, seed):
     A = torch.randn(3, K, 7, 7, dtype=torch.float64)
     gates = torch.rand(3, 4, K) > 0.4
     gates[:, 0] = True
-    torch.testing.assert_close(fold.logits(A, gates), gated_suffix(suffix, A, gates), rtol=1e-12, atol=1e-12)
+    want = gated_suffix(suffix, A, gates)
+    for _ in range(LAYOUT_AFTER_CALLS + 1):  # the first calls by einsum, then from the laid-out weight
+        torch.testing.assert_close(fold.logits(A, gates), want, rtol=1e-12, atol=1e-12)
+    positions = fold.weight.shape[1] // K
+    assert bool(fold._by_channel) == (positions > 1)  # a pooled head (one position) is one GEMM throughout
 
 
 def test_what_does_not_fold_says_why():

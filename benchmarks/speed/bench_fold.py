@@ -1,7 +1,8 @@
 """The folded head alone (`chip_ext.fold.Fold.logits`) at VGG16 `features.29` (and ResNet-50 `layer4`, a pooled
 head, where it is now one GEMM): the current layout (the Linear's
 weight laid out once a call as [K, O, P], Q_s by one batched GEMM) against the einsum it replaced (which permuted
-the 411 MB weight on every call), interleaved in one process, median of --repeats; the first-Linear outputs of
+the 411 MB weight on every call, and still runs the first `LAYOUT_AFTER_CALLS` calls of a distillation),
+interleaved in one process, median of --repeats; the first-Linear outputs of
 both are compared. Also the cost per image by chunk size, and the one-off layout of the weight. Random weights,
 random activations. Writes benchmarks/results/fold-<machine>.json.
 

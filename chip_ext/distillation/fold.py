@@ -30,6 +30,12 @@ _ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.ge
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 
 
+# Q_s by einsum for this many calls of a distillation, then from the weight laid out once as [K, O, P]: the
+# layout costs about what 4 einsum calls lose (VGG16 fc6, 411 MB: ~0.2 s against 30-40 ms a call on 2 cores,
+# benchmarks/speed/bench_fold.py), so short runs do not pay it and long ones run faster.
+LAYOUT_AFTER_CALLS = 4
+
+
 @dataclass
 class Fold:
     """A suffix split at its first Linear: head (GraphModule A [B, K, H, W] -> p, per channel: [B, K, h, w]
@@ -41,6 +47,7 @@ class Fold:
     tail: fx.GraphModule
     ops: list[str]
     _by_channel: dict = field(default_factory=dict, repr=False)  # (dtype, K) -> weight as [K, O, P]
+    _calls: int = field(default=0, repr=False)  # calls of logits on a head with positions (P > 1)
 
     def logits(self, A: Tensor, gates: Tensor) -> Tensor:
         """The logits of the N gated networks of every image: A Tensor[B, K, H, W], gates Tensor[B, N, K]
@@ -55,7 +62,11 @@ class Fold:
         d = gates.to(p.dtype)
         if P == 1:  # a pooled head ([B, K]): y_sn = W (d_sn * p_s), one GEMM over all B·N rows
             y = (d * p.transpose(1, 2)) @ self.weight.to(p.dtype).T  # [B, N, O]
-        else:
+        elif self._calls < LAYOUT_AFTER_CALLS and (p.dtype, K) not in self._by_channel:
+            self._calls += 1  # a short run: Q_s by einsum, which permutes the weight at every call
+            Q = torch.einsum("okp,bkp->bok", self.weight.to(p.dtype).reshape(O, K, P), p)  # [B, O, K]
+            y = torch.bmm(d, Q.transpose(1, 2))  # [B, N, O] = Q_s d_sn
+        else:  # a long one: the weight laid out once as [K, O, P], Q_s one batched GEMM per call
             Qt = torch.bmm(self._weight_by_channel(p.dtype, K), p.permute(1, 2, 0))  # [K, O, B]: Q_s, per image
             y = torch.bmm(d, Qt.permute(2, 0, 1))  # [B, N, O] = Q_s d_sn
         if self.bias is not None:
