@@ -2,7 +2,7 @@
 other item a zero placeholder that is still collated) against `RankSlice` (this rank's items only), as rank 0 of
 --worlds ranks sees it. Real shared Imagenette train JPEGs, resized and cropped to --size by DataLoader workers
 (uint8, as `distill(normalize=...)` takes them). Reports, per world size, the seconds and images/s of rank 0's
-own images and the bytes its loader collates per own image. No process group is needed: the loader's side is
+own images (median of --repeats interleaved runs) and the bytes its loader collates per own image. No process group is needed: the loader's side is
 the same in every rank. Writes benchmarks/results/rank_loader-<machine>.json.
 
     python benchmarks/speed/bench_rank_loader.py                       # 2 workers, 1024 images, worlds 2 and 8
@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs of each loader; the median is reported")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     base = ImageNetTrain(args.data, transform(args.size))
@@ -64,7 +65,13 @@ def main(argv=None) -> int:
         row = {"world": world}
         for name, wrap in (("RankShard", RankShard), ("RankSlice", RankSlice)):
             time_loader(wrap(base, 0, world), 0, world, args.batch, args.workers)  # file cache warmed
-            row[name] = time_loader(wrap(base, 0, world), 0, world, args.batch, args.workers)
+        runs = {"RankShard": [], "RankSlice": []}
+        for _ in range(args.repeats):  # interleaved: this machine's speed drifts between runs
+            for name, wrap in (("RankShard", RankShard), ("RankSlice", RankSlice)):
+                runs[name].append(time_loader(wrap(base, 0, world), 0, world, args.batch, args.workers))
+        for name, rs in runs.items():
+            row[name] = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]  # the median run
+            row[name]["seconds_all"] = [r["seconds"] for r in rs]
         row["speedup_slice_vs_shard"] = row["RankShard"]["seconds"] / row["RankSlice"]["seconds"]
         results.append(row)
         print(f"world {world}: rank 0's {row['RankSlice']['own_images']} images: RankShard "
