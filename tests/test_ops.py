@@ -294,7 +294,7 @@ def test_gate_pool_cuda_misaligned_falls_back(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
-@pytest.mark.parametrize("B, N", [(1, 100), (2, 9), (64, 100)])  # copy groups: 25, 3, one (blocks enough)
+@pytest.mark.parametrize("B, N", [(1, 100), (2, 9), (48, 8)])  # copy groups on 132 SMs: 25, 3, one (blocks enough)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gate_pool_cuda_copy_groups(B, N, layout):
     """Few images x tiles: the N copies are split over a third grid dimension (group 0 also sums the
