@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
 import sys
 import time
@@ -25,7 +24,8 @@ import torchvision
 from chip_ext.distillation.fold import find_fold
 from chip_ext.distillation.views import inference_view, split_on
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ops import RESULTS, device_name  # noqa: E402
 
 
 def einsum_logits(fold, A: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -48,6 +48,15 @@ def median_s(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved(old, new, repeats: int) -> tuple[float, float]:
+    """Median seconds of `old` and of `new`, called alternately (this machine's speed drifts within minutes)."""
+    t_old, t_new = [], []
+    for _ in range(repeats):
+        t_old.append(median_s(old, 1))
+        t_new.append(median_s(new, 1))
+    return statistics.median(t_old), statistics.median(t_new)
 
 
 def main(argv=None) -> int:
@@ -73,8 +82,8 @@ def main(argv=None) -> int:
             gates = torch.rand(B, N, 512) < 0.7
             old, new = einsum_logits(fold, A, gates), fold.logits(A, gates)
             diff = float((old - new).abs().max() / old.abs().max())
-            t_old = median_s(lambda: einsum_logits(fold, A, gates), args.repeats)
-            t_new = median_s(lambda: fold.logits(A, gates), args.repeats)
+            t_old, t_new = interleaved(lambda: einsum_logits(fold, A, gates), lambda: fold.logits(A, gates),
+                                       args.repeats)
             rows.append({"layer": "vgg16 features.29", "size": size, "images": B, "N": N, "einsum_ms": t_old * 1e3, "current_ms": t_new * 1e3,
                          "speedup": t_old / t_new, "logits_max_rel_diff": diff})
             print(f"{size} px, {B} images, N={N}: einsum {t_old * 1e3:.0f} ms, now {t_new * 1e3:.0f} ms "
@@ -97,17 +106,17 @@ def main(argv=None) -> int:
             gates = torch.rand(B, 100, 2048) < 0.7
             old, new = einsum_logits(pooled, A, gates), pooled.logits(A, gates)
             diff = float((old - new).abs().max() / old.abs().max())
-            t_old = median_s(lambda: einsum_logits(pooled, A, gates), args.repeats)
-            t_new = median_s(lambda: pooled.logits(A, gates), args.repeats)
+            t_old, t_new = interleaved(lambda: einsum_logits(pooled, A, gates), lambda: pooled.logits(A, gates),
+                                       args.repeats)
             rows.append({"layer": "resnet50 layer4", "size": 224, "images": B, "N": 100, "einsum_ms": t_old * 1e3,
                          "current_ms": t_new * 1e3, "speedup": t_old / t_new, "logits_max_rel_diff": diff})
             print(f"ResNet-50 layer4, {B} images, N=100: einsum {t_old * 1e3:.0f} ms, now {t_new * 1e3:.0f} ms "
                   f"({t_old / t_new:.2f}x); logits differ by {diff:.1e}", flush=True)
     print(f"the weight laid out once a call: {layout_s * 1e3:.0f} ms")
-    record = {"benchmark": "fold", "machine": f"cpu-{os.cpu_count()}-cores", "threads": args.threads,
+    record = {"benchmark": "fold", "device": device_name(torch.device("cpu")), "threads": args.threads,
               "date": dt.date.today().isoformat(), "torch": torch.__version__,
               "weight_layout_once_ms": layout_s * 1e3, "calls": rows, "chunks": chunks}
-    out = args.out or RESULTS / f"fold-cpu-{os.cpu_count()}-cores.json"
+    out = args.out or RESULTS / f"fold-cpu-{args.threads}-threads.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -13,7 +13,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ from torch.utils.data import DataLoader
 from chip_ext.data import ImageNetTrain, RankShard, RankSlice
 
 DATA = Path(os.environ.get("CHIP_EXT_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ops import RESULTS, device_name  # noqa: E402
 
 
 def transform(size: int):
@@ -79,8 +79,7 @@ def main(argv=None) -> int:
               f"collated an image), RankSlice {row['RankSlice']['seconds']:.2f} s "
               f"({row['RankSlice']['collated_bytes_per_own_image'] / 1e6:.2f} MB): "
               f"{row['speedup_slice_vs_shard']:.2f}x", flush=True)
-    machine = f"{platform.processor() or platform.machine()}-{os.cpu_count()}-cores"
-    record = {"benchmark": "rank_loader", "machine": machine, "date": dt.date.today().isoformat(),
+    record = {"benchmark": "rank_loader", "device": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(), "date": dt.date.today().isoformat(),
               "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "images_in_dataset": len(base), "results": results}
     out = args.out or RESULTS / f"rank_loader-cpu-{os.cpu_count()}-cores.json"

@@ -31,7 +31,7 @@ _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive
 
 
 # Q_s by einsum for this many calls of a distillation, then from the weight laid out once as [K, O, P]: the
-# layout costs about what 4 einsum calls lose (VGG16 fc6, 411 MB: ~0.2 s against 30-40 ms a call on 2 cores,
+# layout costs about what 4-6 einsum calls lose (VGG16 fc6, 411 MB: 0.15-0.22 s against 27-37 ms a call on 2 cores,
 # benchmarks/speed/bench_fold.py), so short runs do not pay it and long ones run faster.
 LAYOUT_AFTER_CALLS = 4
 
